@@ -1,0 +1,1 @@
+"""Benchmark data loaders and pure-Python metrics for the memory module."""
