@@ -1,0 +1,278 @@
+"""What every model backend provides, and the generation loop they share.
+
+A backend owns one frozen model, its tokenizer and a session KV cache. It exposes a few
+primitives (a forward pass on a cache, cache views and truncation, the layer hook) and
+this base class builds the rest on them: prompt-prefix reuse, the decode loop, sampling
+(done in numpy from a seeded generator, so both backends sample identically) and
+prefix-conditioned scoring for memory updates. It holds no memory-module logic (that is
+`lmm.memory`) and no UI.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from lmm.chat_format import ChatFormatter
+from lmm.memory.base import Phase, RewriteContext
+from lmm.ops import Array, Ops
+
+Strategy = Literal["auto", "greedy", "beam", "sample"]
+HookFn = Callable[[Array, RewriteContext], Array]
+
+# Where decoder layers live, by attribute path, across the supported families.
+LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "layers",
+)
+
+
+class BackendError(RuntimeError):
+    """The backend cannot run this model or request."""
+
+
+@dataclass
+class DecodingConfig:
+    strategy: Strategy = "auto"
+    deterministic: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+    num_beams: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("auto", "greedy", "beam", "sample"):
+            raise ValueError(f"strategy must be auto, greedy, beam or sample; got {self.strategy!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    def resolved(self, supports_beam: bool) -> Literal["greedy", "beam", "sample"]:
+        """The strategy actually run: auto follows --deterministic; beam falls back where unsupported."""
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = "greedy" if self.deterministic else "sample"
+        if strategy == "beam" and not supports_beam:
+            strategy = "greedy" if self.deterministic else "sample"
+        if strategy == "sample" and self.temperature == 0:
+            strategy = "greedy"
+        return strategy
+
+
+def find_layers(model: Any, expected: int | None = None) -> tuple[str, Sequence[Any]]:
+    """Return (path, layers) of the decoder layer list, found by attribute paths."""
+    for path in LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is None or isinstance(obj, (str, bytes)):
+            continue
+        try:
+            n = len(obj)
+        except TypeError:
+            continue
+        if n and (expected is None or n == expected):
+            return path, obj
+    raise BackendError(f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(LAYER_PATHS)})")
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def sample_token(logits: np.ndarray, strategy: str, temperature: float, top_p: float,
+                 rng: np.random.Generator) -> int:
+    if strategy == "greedy":
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / max(temperature, 1e-6)
+    z -= z.max()
+    probs = np.exp(z)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float = 0.0
+    generation_seconds: float = 0.0
+    finish_reason: str = "length"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+class Backend(ABC):
+    """A loaded model with a hookable middle layer and a session KV cache."""
+
+    name: str
+    supports_beam: bool = False
+
+    def __init__(self) -> None:
+        self.model_id: str = ""
+        self.formatter: ChatFormatter
+        self.ops: Ops
+        self.hidden_size: int = 0
+        self.num_layers: int = 0
+        self.context_length: int = 0
+        self.layer_path: str = ""
+        self.hook_context = RewriteContext(phase="generate", offset=0)
+        self._session_cache: Any = None
+        self._session_tokens: list[int] = []
+        self.last_stats = GenerationStats()
+
+    # --- primitives each backend implements ----------------------------------------
+    @abstractmethod
+    def install_hook(self, layer: int, hook: HookFn) -> None: ...
+
+    @abstractmethod
+    def remove_hook(self) -> None: ...
+
+    @abstractmethod
+    def new_cache(self) -> Any: ...
+
+    @abstractmethod
+    def _forward(self, ids: Sequence[int], cache: Any, grad: bool) -> Array:
+        """Run `ids` on top of `cache` (extending it); return logits [T, vocab] as float32."""
+
+    @abstractmethod
+    def cache_view(self, cache: Any, n: int) -> Any | None:
+        """A cache holding the first `n` positions of `cache`, sharing storage, never mutating it;
+        None where the cache type cannot be viewed (the caller recomputes)."""
+
+    @abstractmethod
+    def truncate_cache(self, cache: Any, n: int) -> bool:
+        """Cut `cache` to its first `n` positions in place; False if this cache cannot be cut."""
+
+    def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
+        raise BackendError(f"{self.name} has no beam search")
+
+    # --- built on the primitives ---------------------------------------------------
+    def forward(self, ids: Sequence[int], cache: Any, phase: Phase) -> Array:
+        offset = self.cache_length(cache)
+        self.hook_context = RewriteContext(phase=phase, offset=offset)
+        try:
+            return self._forward(ids, cache, grad=phase == "train")
+        finally:
+            self.hook_context = RewriteContext(phase="generate", offset=0)
+
+    @abstractmethod
+    def cache_length(self, cache: Any) -> int: ...
+
+    def reset_session(self) -> None:
+        """Drop the session KV cache (the chat history changed or the module was replaced)."""
+        self._session_cache, self._session_tokens = None, []
+
+    def keep_session_prefix(self, n: int) -> None:
+        """Keep only the first `n` cached positions, e.g. after the memory changed what follows."""
+        if self._session_cache is None or n >= len(self._session_tokens):
+            return
+        if n > 0 and self.truncate_cache(self._session_cache, n):
+            self._session_tokens = self._session_tokens[:n]
+        else:
+            self.reset_session()
+
+    def _session_for(self, ids: Sequence[int]) -> tuple[Any, int]:
+        """A session cache covering a prefix of `ids`, and how many positions it reuses."""
+        if self._session_cache is not None:
+            k = min(common_prefix_len(self._session_tokens, ids), len(ids) - 1)
+            if k > 0 and (k == len(self._session_tokens) or self.truncate_cache(self._session_cache, k)):
+                self._session_tokens = list(self._session_tokens[:k])
+                return self._session_cache, k
+        self._session_cache, self._session_tokens = self.new_cache(), []
+        return self._session_cache, 0
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        decoding: DecodingConfig,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[int]:
+        """Yield generated token ids, stop token excluded. Keeps the session cache for the next turn."""
+        strategy = decoding.resolved(self.supports_beam)
+        stop_ids = self.formatter.stop_ids
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        start = time.perf_counter()
+        if strategy == "beam":
+            self.reset_session()
+            for i, tok in enumerate(self.beam_search(prompt_ids, decoding, stop_ids)):
+                if i == 0:
+                    stats.time_to_first_token = time.perf_counter() - start
+                stats.generated_tokens += 1
+                yield tok
+            stats.generation_seconds = time.perf_counter() - start
+            stats.finish_reason = "stop"
+            return
+        rng = np.random.default_rng(decoding.seed)
+        cache, reused = self._session_for(prompt_ids)
+        stats.reused_tokens = reused
+        self._session_tokens = list(prompt_ids)  # what the cache will hold after the prefill
+        logits = self.forward(prompt_ids[reused:], cache, "generate")
+        first_token_time = None
+        for _ in range(decoding.max_tokens):
+            tok = sample_token(self.ops.to_numpy(logits[-1]), strategy, decoding.temperature,
+                               decoding.top_p, rng)
+            if first_token_time is None:
+                first_token_time = time.perf_counter()
+                stats.time_to_first_token = first_token_time - start
+            if tok in stop_ids:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            yield tok
+            if should_stop():
+                stats.finish_reason = "interrupted"
+                break
+            logits = self.forward([tok], cache, "generate")
+            self._session_tokens.append(tok)
+        stats.generation_seconds = time.perf_counter() - (first_token_time or start)
+
+    def forward_on_prefix(self, prefix_ids: Sequence[int], ids: Sequence[int], phase: Phase) -> Array:
+        """Logits of `ids` conditioned on `prefix_ids`, reusing the session cache without changing it."""
+        view = None
+        n = len(prefix_ids)
+        if n == 0:
+            view = self.new_cache()
+        elif (self._session_cache is not None and len(self._session_tokens) >= n
+              and self._session_tokens[:n] == list(prefix_ids)):
+            view = self.cache_view(self._session_cache, n)
+        if view is None:
+            # Rebuild the prefix once and keep it as the session cache for the following steps.
+            cache = self.new_cache()
+            self.forward(prefix_ids, cache, "score")
+            self._session_cache, self._session_tokens = cache, list(prefix_ids)
+            view = self.cache_view(cache, n)
+            if view is None:
+                view = self.new_cache()
+                self.forward(prefix_ids, view, "score")
+        return self.forward(ids, view, phase)

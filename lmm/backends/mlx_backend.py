@@ -1,0 +1,188 @@
+"""mlx_lm backend (Apple Silicon; the CPU build of mlx on Linux).
+
+Owns loading a Hugging Face folder with `mlx_lm.utils.load_model`, the hook on the chosen
+decoder layer (a per-instance subclass whose `__call__` passes the output through the
+memory hook, so every other attribute of the layer stays as it was), mlx_lm prompt-cache
+views and trimming, and `MlxOps`. mlx_lm exposes no beam search: `beam` falls back, and
+the CLI says so at start. Imports mlx lazily through this module only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from lmm.backends.base import Backend, BackendError, HookFn, find_layers
+from lmm.chat_format import ChatFormatter
+from lmm.ops import Params
+
+
+@dataclass
+class MlxOps:
+    name: str = "mlx"
+
+    def asarray(self, x: Any, dtype: str = "float32") -> mx.array:
+        return mx.array(np.asarray(x)).astype(getattr(mx, dtype))
+
+    def to_numpy(self, x: mx.array) -> np.ndarray:
+        if x.dtype in (mx.bfloat16, mx.float16):
+            x = x.astype(mx.float32)
+        return np.array(x)
+
+    def zeros(self, shape: Sequence[int], dtype: str = "float32") -> mx.array:
+        return mx.zeros(tuple(shape), dtype=getattr(mx, dtype))
+
+    def astype(self, x: mx.array, dtype: Any) -> mx.array:
+        return x.astype(dtype.dtype if isinstance(dtype, mx.array) else getattr(mx, dtype))
+
+    def dtype_name(self, x: mx.array) -> str:
+        return str(x.dtype).removeprefix("mlx.core.")
+
+    sigmoid = staticmethod(mx.sigmoid)
+    tanh = staticmethod(mx.tanh)
+    exp = staticmethod(mx.exp)
+    sqrt = staticmethod(mx.sqrt)
+    abs = staticmethod(mx.abs)
+    swapaxes = staticmethod(mx.swapaxes)
+    expand_dims = staticmethod(mx.expand_dims)
+
+    def argsort(self, x: mx.array, axis: int = -1) -> mx.array:
+        return mx.argsort(x, axis=axis)
+
+    def cumsum(self, x: mx.array, axis: int = -1) -> mx.array:
+        return mx.cumsum(x, axis=axis)
+
+    def maximum(self, x: mx.array, y: Any) -> mx.array:
+        return mx.maximum(x, y)
+
+    def where(self, cond: mx.array, x: Any, y: Any) -> mx.array:
+        return mx.where(cond, x, y)
+
+    def softmax(self, x: mx.array, axis: int = -1) -> mx.array:
+        return mx.softmax(x, axis=axis, precise=True)
+
+    def sum(self, x: mx.array, axis: int | None = None, keepdims: bool = False) -> mx.array:
+        return mx.sum(x, axis=axis, keepdims=keepdims)
+
+    def mean(self, x: mx.array, axis: int | None = None, keepdims: bool = False) -> mx.array:
+        return mx.mean(x, axis=axis, keepdims=keepdims)
+
+    def norm(self, x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
+        return mx.sqrt(mx.sum(x * x, axis=axis, keepdims=keepdims))
+
+    def concat(self, xs: Sequence[mx.array], axis: int = 0) -> mx.array:
+        return mx.concatenate(list(xs), axis=axis)
+
+    def stack(self, xs: Sequence[mx.array], axis: int = 0) -> mx.array:
+        return mx.stack(list(xs), axis=axis)
+
+    def take(self, x: mx.array, indices: mx.array, axis: int = 0) -> mx.array:
+        return mx.take(x, indices.astype(mx.int32), axis=axis)
+
+    def cross_entropy(self, logits: mx.array, targets: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(logits.astype(mx.float32), targets.astype(mx.int32), reduction="none")
+
+    def value_and_grad(self, fn: Callable[[Params], mx.array], params: Params) -> tuple[Any, Params]:
+        loss, grads = mx.value_and_grad(fn)(dict(params))
+        mx.eval(loss, grads)
+        return loss, grads
+
+    def stop_gradient(self, x: mx.array) -> mx.array:
+        return mx.stop_gradient(x)
+
+    def evaluate(self, *xs: Any) -> None:
+        mx.eval(*xs)
+
+
+class MlxBackend(Backend):
+    name = "mlx_lm"
+    supports_beam = False
+
+    def __init__(self, model_path: Path, model_id: str, *, local_files_only: bool = True) -> None:
+        super().__init__()
+        from mlx_lm.utils import load_model
+        from transformers import AutoTokenizer
+
+        try:
+            self.model, config = load_model(Path(model_path))
+        except (ValueError, KeyError) as exc:
+            raise BackendError(f"mlx_lm cannot load {model_path}: {exc}") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=local_files_only)
+        text_cfg = config.get("text_config", config)
+        self.model_id = model_id
+        self.hidden_size = int(text_cfg["hidden_size"])
+        self.layer_path, self.layers = find_layers(self.model, int(text_cfg["num_hidden_layers"]))
+        self.num_layers = len(self.layers)
+        self.context_length = int(text_cfg.get("max_position_embeddings") or 2048)
+        eos = config.get("eos_token_id") or []
+        self.formatter = ChatFormatter(tokenizer, eos if isinstance(eos, list) else [eos])
+        self.ops = MlxOps()
+        self._hooked: tuple[Any, type] | None = None
+
+    # --- hook ------------------------------------------------------------------------
+    def install_hook(self, layer: int, hook: HookFn) -> None:
+        self.remove_hook()
+        target = self.layers[layer]
+        original = type(target)
+        backend = self
+
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+            out = original.__call__(self, *args, **kwargs)
+            if isinstance(out, tuple):
+                return (hook(out[0], backend.hook_context), *out[1:])
+            return hook(out, backend.hook_context)
+
+        target.__class__ = type(f"Hooked{original.__name__}", (original,), {"__call__": __call__})
+        self._hooked = (target, original)
+
+    def remove_hook(self) -> None:
+        if self._hooked is not None:
+            target, original = self._hooked
+            target.__class__ = original
+            self._hooked = None
+
+    # --- cache -------------------------------------------------------------------------
+    def new_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def cache_length(self, cache: list[Any]) -> int:
+        return int(cache[0].offset) if cache else 0
+
+    def cache_view(self, cache: list[Any], n: int) -> list[Any] | None:
+        from mlx_lm.models.cache import KVCache
+
+        view = []
+        for c in cache:
+            if type(c) is not KVCache or c.offset < n:
+                return None
+            v = KVCache()
+            if n > 0:
+                # Exact-size slices: the next update concatenates, so the source buffer is never written.
+                v.keys, v.values = c.keys[..., :n, :], c.values[..., :n, :]
+                v.offset = n
+            view.append(v)
+        return view
+
+    def truncate_cache(self, cache: list[Any], n: int) -> bool:
+        if not all(c.is_trimmable() for c in cache):
+            return False
+        for c in cache:
+            c.trim(c.offset - n)
+        return all(c.offset == n for c in cache)
+
+    # --- forward -------------------------------------------------------------------------
+    def _forward(self, ids: Sequence[int], cache: Any, grad: bool) -> mx.array:
+        if not ids:
+            raise BackendError("forward needs at least one token")
+        logits = self.model(mx.array([list(ids)]), cache=cache)[0].astype(mx.float32)
+        if not grad:
+            mx.eval(logits)
+        return logits

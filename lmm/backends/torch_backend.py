@@ -1,0 +1,230 @@
+"""PyTorch / transformers backend (CUDA, MPS, CPU).
+
+Owns loading a Hugging Face causal LM folder, the forward hook on the chosen decoder layer,
+DynamicCache handling (views and truncation for prefix reuse), real beam search through
+`generate`, and `TorchOps`, the array operations memory modules run on. Imports torch
+lazily through this module only: an mlx user never imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmm.backends.base import Backend, BackendError, DecodingConfig, HookFn, find_layers
+from lmm.chat_format import ChatFormatter
+from lmm.ops import Params
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError("--device cuda: CUDA is not available on this machine")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise BackendError("--device mps: MPS is not available on this machine")
+    if device not in {"cpu", "cuda", "mps"}:
+        raise BackendError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+@dataclass
+class TorchOps:
+    device: torch.device
+    name: str = "torch"
+
+    def asarray(self, x: Any, dtype: str = "float32") -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), device=self.device).to(getattr(torch, dtype))
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        x = x.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.cpu().numpy()
+
+    def zeros(self, shape: Sequence[int], dtype: str = "float32") -> torch.Tensor:
+        return torch.zeros(tuple(shape), dtype=getattr(torch, dtype), device=self.device)
+
+    def astype(self, x: torch.Tensor, dtype: Any) -> torch.Tensor:
+        return x.to(dtype.dtype if isinstance(dtype, torch.Tensor) else getattr(torch, dtype))
+
+    def dtype_name(self, x: torch.Tensor) -> str:
+        return str(x.dtype).removeprefix("torch.")
+
+    sigmoid = staticmethod(torch.sigmoid)
+    tanh = staticmethod(torch.tanh)
+    exp = staticmethod(torch.exp)
+    sqrt = staticmethod(torch.sqrt)
+    abs = staticmethod(torch.abs)
+    argsort = staticmethod(lambda x, axis=-1: torch.argsort(x, dim=axis))
+    cumsum = staticmethod(lambda x, axis=-1: torch.cumsum(x, dim=axis))
+    swapaxes = staticmethod(torch.swapaxes)
+    expand_dims = staticmethod(torch.unsqueeze)
+
+    def maximum(self, x: torch.Tensor, y: Any) -> torch.Tensor:
+        return torch.clamp(x, min=y) if isinstance(y, (int, float)) else torch.maximum(x, y)
+
+    def where(self, cond: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        return torch.where(cond, x, y)
+
+    def softmax(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        return torch.softmax(x, dim=axis)
+
+    def sum(self, x: torch.Tensor, axis: int | None = None, keepdims: bool = False) -> torch.Tensor:
+        return x.sum() if axis is None else x.sum(dim=axis, keepdim=keepdims)
+
+    def mean(self, x: torch.Tensor, axis: int | None = None, keepdims: bool = False) -> torch.Tensor:
+        return x.mean() if axis is None else x.mean(dim=axis, keepdim=keepdims)
+
+    def norm(self, x: torch.Tensor, axis: int = -1, keepdims: bool = False) -> torch.Tensor:
+        return torch.linalg.vector_norm(x, dim=axis, keepdim=keepdims)
+
+    def concat(self, xs: Sequence[torch.Tensor], axis: int = 0) -> torch.Tensor:
+        return torch.cat(list(xs), dim=axis)
+
+    def stack(self, xs: Sequence[torch.Tensor], axis: int = 0) -> torch.Tensor:
+        return torch.stack(list(xs), dim=axis)
+
+    def take(self, x: torch.Tensor, indices: torch.Tensor, axis: int = 0) -> torch.Tensor:
+        return torch.index_select(x, axis, indices.to(torch.long).reshape(-1)).reshape(
+            *x.shape[:axis], *indices.shape, *x.shape[axis + 1:]
+        )
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets.to(torch.long), reduction="none")
+
+    def value_and_grad(self, fn: Callable[[Params], torch.Tensor], params: Params) -> tuple[Any, Params]:
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            loss = fn(leaves)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        pairs = zip(leaves.items(), grads, strict=True)
+        out = {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in pairs}
+        return loss.detach(), out
+
+    def stop_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    def evaluate(self, *xs: Any) -> None:
+        return None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    supports_beam = True
+
+    def __init__(self, model_path: Path, model_id: str, *, device: str = "auto", dtype: str = "auto",
+                 local_files_only: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        self.device = pick_device(device)
+        if dtype == "auto":
+            torch_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        elif dtype in _DTYPES:
+            torch_dtype = _DTYPES[dtype]
+        else:
+            raise BackendError(f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=torch_dtype, local_files_only=local_files_only
+        )
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        cfg = model.config.get_text_config()
+        self.model_id = model_id
+        self.hidden_size = int(cfg.hidden_size)
+        self.layer_path, self.layers = find_layers(self.model, int(cfg.num_hidden_layers))
+        self.num_layers = len(self.layers)
+        self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        eos: list[int] = []
+        try:
+            gen = GenerationConfig.from_pretrained(str(model_path), local_files_only=True)
+            eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        except OSError:
+            pass  # no generation_config.json: the tokenizer's eos and known stop tokens suffice
+        self.formatter = ChatFormatter(tokenizer, eos)
+        self.ops = TorchOps(self.device)
+        self._hook_handle: Any = None
+        # transformers 5.x renamed `past_key_values` to `cache`; accept both spellings.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # --- hook ------------------------------------------------------------------------
+    def install_hook(self, layer: int, hook: HookFn) -> None:
+        self.remove_hook()
+
+        def on_output(_module: Any, _args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (hook(output[0], self.hook_context), *output[1:])
+            return hook(output, self.hook_context)
+
+        self._hook_handle = self.layers[layer].register_forward_hook(on_output)
+
+    def remove_hook(self) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+
+    # --- cache -------------------------------------------------------------------------
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def cache_length(self, cache: Any) -> int:
+        return int(cache.get_seq_length())
+
+    def cache_view(self, cache: Any, n: int) -> Any | None:
+        view = copy.copy(cache)
+        view.layers = [copy.copy(layer) for layer in cache.layers]
+        return view if self._crop(view, n) else None
+
+    def truncate_cache(self, cache: Any, n: int) -> bool:
+        return self._crop(cache, n)
+
+    def _crop(self, cache: Any, n: int) -> bool:
+        remove = self.cache_length(cache) - n
+        if remove < 0:
+            return False
+        try:
+            cache.crop(-remove)
+        except (RuntimeError, ValueError):
+            return False
+        return self.cache_length(cache) == n
+
+    # --- forward -------------------------------------------------------------------------
+    def _forward(self, ids: Sequence[int], cache: Any, grad: bool) -> torch.Tensor:
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        with nullcontext() if grad else torch.no_grad():
+            out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kw: cache})
+        return out.logits[0].float()
+
+    def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=decoding.max_tokens, num_beams=decoding.num_beams, do_sample=False,
+                eos_token_id=sorted(stop_ids), pad_token_id=self.formatter.tokenizer.pad_token_id
+                or sorted(stop_ids)[0],
+            )
+        tokens = out[0, len(prompt_ids):].tolist()
+        for i, tok in enumerate(tokens):
+            if tok in stop_ids:
+                return tokens[:i]
+        return tokens

@@ -1,0 +1,81 @@
+"""Chat messages to token ids, and which of those tokens the user actually wrote.
+
+Owns the chat-template rendering shared by both backends (one Hugging Face tokenizer,
+loaded from the same model folder), the stop tokens, and the split of a user turn into
+prefix / raw turn tokens / content tokens. The content mask is what keeps template
+scaffolding, including a system prompt that a template inserts on its own, out of the
+tokens a memory module learns from. It does not run any model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, str]
+
+_STOP_TOKEN_TEXTS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """The tokens of one user turn as it appears in the rendered chat."""
+
+    prefix_ids: list[int]  # everything before the turn
+    turn_ids: list[int]  # the turn's tokens, scaffolding included ("raw")
+    content_mask: list[bool]  # per turn token: inside the user's own text
+
+
+class ChatFormatter:
+    def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; lmm needs an instruction-tuned model")
+        stop = {int(t) for t in eos_token_ids if t is not None}
+        if tokenizer.eos_token_id is not None:
+            stop.add(int(tokenizer.eos_token_id))
+        vocab = tokenizer.get_vocab()
+        stop.update(vocab[t] for t in _STOP_TOKEN_TEXTS if t in vocab)
+        self.stop_ids: set[int] = stop
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def generation_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def user_turn(self, messages: Sequence[Message], index: int) -> UserTurn:
+        """Split the rendering of `messages[: index + 1]` around the user turn at `index`."""
+        if messages[index]["role"] != "user":
+            raise ValueError(f"message {index} is not a user message")
+        before = self.render(messages[:index], add_generation_prompt=False)
+        full = self.render(messages[: index + 1], add_generation_prompt=False)
+        if not full.startswith(before):
+            before = ""  # a template that rewrites earlier turns: treat the whole text as the turn
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids: list[int] = list(enc["input_ids"])
+        offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+        n_prefix = sum(1 for start, _ in offsets if start < len(before))
+        content = messages[index]["content"].strip()
+        c_start = full.find(content, len(before)) if content else -1
+        c_end = c_start + len(content)
+        special = set(getattr(self.tokenizer, "all_special_ids", []))
+        mask = []
+        for tok, (start, end) in zip(ids[n_prefix:], offsets[n_prefix:], strict=True):
+            inside = c_start >= 0 and start >= c_start and end <= c_end and end > start
+            mask.append(inside and tok not in special)
+        return UserTurn(prefix_ids=ids[:n_prefix], turn_ids=ids[n_prefix:], content_mask=mask)

@@ -1,0 +1,254 @@
+"""The chat engine: one model, one memory module, one conversation. The Python API.
+
+Owns the conversation (messages, system prompt), the memory module's life cycle (create,
+hook, learn after each user message in the background, save, load, reset), context-window
+trimming and per-turn results. Scripts, benchmarks and the CLI all drive it through
+`ChatEngine`. It holds no UI code: notices go to a callback, text comes back as
+`GenerationResponse` objects.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmm.backends import Backend, DecodingConfig, load_backend
+from lmm.chat_format import Message
+from lmm.events import EventLog
+from lmm.hook import MemoryHook
+from lmm.learning import UpdateSummary, learn_from_message
+from lmm.memory import create_memory, get_memory_spec
+from lmm.memory.base import MemoryModule
+from lmm.models import artifacts_dir, resolve_model
+from lmm.state import (
+    StateFileError,
+    StateHeader,
+    check_compatible,
+    default_save_path,
+    now_iso,
+    read_state,
+    save_state,
+)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    local_files_only: bool = False
+    memory: str = "identity"
+    memory_options: dict[str, str] = field(default_factory=dict)
+    layer: int | None = None  # None: the middle layer
+    seed: int = 0
+    system_prompt: str | None = None
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    activation_log_path: Path | None = Path("logs/memory_activations.jsonl")
+    log_activations: bool = True
+    background_updates: bool = True
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece of a reply (mlx-lm style): new text and the running figures."""
+
+    text: str
+    token: int
+    generation_tokens: int
+    generation_tps: float
+
+
+@dataclass
+class TurnResult:
+    user: str
+    assistant: str
+    generation_tokens: int
+    tokens_per_second: float
+    time_to_first_token: float
+    finish_reason: str
+    update: UpdateSummary | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user": self.user, "assistant": self.assistant, "generation_tokens": self.generation_tokens,
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "time_to_first_token": round(self.time_to_first_token, 4), "finish_reason": self.finish_reason,
+            "update": self.update.to_json() if self.update else None,
+        }
+
+
+class ChatEngine:
+    def __init__(self, config: EngineConfig, *, backend: Backend | None = None,
+                 on_notice: Callable[[str], None] = lambda msg: None) -> None:
+        self.config = config
+        self.notice = on_notice
+        if backend is None:
+            resolved = resolve_model(config.model, local_files_only=config.local_files_only)
+            backend = load_backend(config.backend, resolved.path, resolved.model_id, device=config.device,
+                                   dtype=config.dtype, local_files_only=config.local_files_only
+                                   or Path(resolved.path).is_dir())
+        self.backend = backend
+        self.layer = backend.num_layers // 2 if config.layer is None else config.layer
+        if not 0 <= self.layer < backend.num_layers:
+            raise ValueError(f"--layer {self.layer} is out of range: the model has {backend.num_layers} layers")
+        self.log = EventLog(config.activation_log_path)
+        self.learning = True  # False in incognito mode
+        self.messages: list[Message] = []
+        self.turns = 0
+        self.created_at = now_iso()
+        self.last_update: UpdateSummary | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmm-update")
+        self._pending: Future[UpdateSummary] | None = None
+        self.module = create_memory(config.memory, hidden_size=backend.hidden_size, ops=backend.ops,
+                                    seed=config.seed, options=config.memory_options)
+        self._install(self.module)
+        if config.decoding.strategy == "beam" and not backend.supports_beam:
+            self.notice(f"{backend.name} has no beam search; decoding falls back to "
+                        f"{config.decoding.resolved(False)}")
+
+    # --- conversation -------------------------------------------------------------------
+    def chat_messages(self) -> list[Message]:
+        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        return system + self.messages
+
+    def stream(self, user_text: str, should_stop: Callable[[], bool] = lambda: False
+               ) -> Iterator[GenerationResponse]:
+        """Stream the reply to `user_text`; afterwards `self.last_turn` holds the TurnResult."""
+        self.wait_for_update()
+        self.messages.append({"role": "user", "content": user_text})
+        prompt = self._fit_context()
+        fmt = self.backend.formatter
+        tokens: list[int] = []
+        text = ""
+        start = time.perf_counter()
+        try:
+            for tok in self.backend.generate(prompt, self.config.decoding, should_stop):
+                tokens.append(tok)
+                full = fmt.decode(tokens)
+                if full.endswith("\ufffd"):
+                    continue  # an incomplete UTF-8 sequence: wait for the next token
+                delta, text = full[len(text):], full
+                elapsed = time.perf_counter() - start
+                yield GenerationResponse(delta, tok, len(tokens), len(tokens) / elapsed if elapsed else 0.0)
+        except BaseException:
+            self.backend.reset_session()
+            raise
+        finally:
+            reply = fmt.decode(tokens).strip()
+            self.messages.append({"role": "assistant", "content": reply})
+            stats = self.backend.last_stats
+            self.last_turn = TurnResult(user_text, reply, stats.generated_tokens, stats.tokens_per_second,
+                                        stats.time_to_first_token, stats.finish_reason)
+            self.turns += 1
+        self._schedule_update(len(self.chat_messages()) - 2)
+
+    def ask(self, user_text: str) -> TurnResult:
+        """Reply to `user_text` and wait for the memory update that follows it."""
+        for _ in self.stream(user_text):
+            pass
+        turn = self.last_turn
+        turn.update = self.wait_for_update()
+        return turn
+
+    def reset_chat(self) -> None:
+        """Clear the chat history; the memory keeps what it learned."""
+        self.wait_for_update()
+        self.messages.clear()
+        self.backend.reset_session()
+        self.module.reset_session()
+
+    def _fit_context(self) -> list[int]:
+        fmt = self.backend.formatter
+        budget = self.backend.context_length - self.config.decoding.max_tokens
+        prompt = fmt.generation_ids(self.chat_messages())
+        while len(prompt) > budget and len(self.messages) > 1:
+            del self.messages[:2]  # drop the oldest exchange
+            prompt = fmt.generation_ids(self.chat_messages())
+        if len(prompt) > budget:
+            content = self.messages[-1]["content"]
+            ids = fmt.encode(content)
+            keep = max(1, len(ids) - (len(prompt) - budget))
+            self.messages[-1]["content"] = fmt.decode(ids[-keep:])
+            self.notice(f"message longer than the context window: kept its last {keep} of {len(ids)} tokens")
+            prompt = fmt.generation_ids(self.chat_messages())
+        return prompt
+
+    # --- learning -----------------------------------------------------------------------
+    def _schedule_update(self, index: int) -> None:
+        if not self.learning:
+            self.last_update = UpdateSummary(turn=index, skipped="incognito")
+            return
+        messages = [dict(m) for m in self.chat_messages()]
+        work = lambda: learn_from_message(self.backend, self.module, self.hook, self.log, messages, index)  # noqa: E731
+        if self.config.background_updates:
+            self._pending = self._executor.submit(work)
+        else:
+            self.last_update = work()
+
+    def wait_for_update(self) -> UpdateSummary | None:
+        """Block until the pending update is applied; return the latest update summary."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.last_update = pending.result()
+        return self.last_update
+
+    # --- memory state --------------------------------------------------------------------
+    def _install(self, module: MemoryModule) -> None:
+        self.module = module
+        self.hook = MemoryHook(module, self.log, layer=self.layer, backend=self.backend.name,
+                               model=self.backend.model_id, log_activations=self.config.log_activations)
+        self.backend.install_hook(self.layer, self.hook)
+        self.backend.reset_session()
+
+    def header(self) -> StateHeader:
+        return StateHeader(
+            module=self.module.name, config=self.module.config.to_json(), model_id=self.backend.model_id,
+            hidden_size=self.backend.hidden_size, layer=self.layer, update_count=self.module.update_count,
+            created_at=self.created_at, saved_at=now_iso(), backend=self.backend.name,
+        )
+
+    def save_memory(self, path: Path | str | None = None) -> Path:
+        """Save the memory atomically (after any pending update); return the path written."""
+        self.wait_for_update()
+        target = Path(path) if path else default_save_path(self.module.name, artifacts_dir())
+        save_state(target, self.header(), self.module.state_tensors())
+        return target
+
+    def load_memory(self, path: Path | str) -> None:
+        """Replace the memory with a saved one. On any error the current memory stays as it was."""
+        self.wait_for_update()
+        path = Path(path)
+        header, tensors = read_state(path)
+        check_compatible(header, path, module=self.module.name, model_id=self.backend.model_id,
+                         hidden_size=self.backend.hidden_size, layer=self.layer)
+        spec = get_memory_spec(header.module)
+        try:
+            config = spec.config_cls.from_dict(header.config_dict())
+            module = create_memory(header.module, hidden_size=self.backend.hidden_size, ops=self.backend.ops,
+                                   seed=self.config.seed, config=config)
+            module.load_state_tensors(tensors)
+        except ValueError as exc:
+            raise StateFileError(f"{path}: {exc}") from None
+        module.update_count = header.update_count
+        if config != self.module.config:
+            self.notice(f"memory config taken from {path.name}: {config.to_json()}")
+        self.created_at = header.created_at
+        self._install(module)
+
+    def forget(self) -> None:
+        """Reset the memory to its freshly initialised state."""
+        self.wait_for_update()
+        module = create_memory(self.module.name, hidden_size=self.backend.hidden_size, ops=self.backend.ops,
+                               seed=self.config.seed, config=self.module.config)
+        self.created_at = now_iso()
+        self._install(module)
+
+    def close(self) -> None:
+        self.wait_for_update()
+        self._executor.shutdown(wait=True)
+        self.log.close()

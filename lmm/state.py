@@ -1,0 +1,131 @@
+"""Memory state files: safetensors with a metadata header, written atomically.
+
+Owns the file format (tensor names come from the module, metadata from `StateHeader`),
+the atomic write (temporary file in the same folder, fsync, rename: an interrupted save
+leaves the previous file intact) and the compatibility check that refuses a file of
+another module, model, hidden size or layer before anything is changed. It never
+writes to a file it failed to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = "1"
+
+
+class StateFileError(ValueError):
+    """A state file is unreadable or does not fit the running chat. The message is one line."""
+
+
+@dataclass
+class StateHeader:
+    module: str
+    config: str  # JSON of the module's config
+    model_id: str
+    hidden_size: int
+    layer: int
+    update_count: int = 0
+    created_at: str = ""
+    saved_at: str = ""
+    backend: str = ""
+    format_version: str = FORMAT_VERSION
+
+    def to_metadata(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path) -> StateHeader:
+        missing = [f.name for f in fields(cls) if f.name not in meta and f.name not in {"backend"}]
+        if missing:
+            raise StateFileError(f"{path}: not an lmm state file (metadata lacks {', '.join(missing)})")
+        try:
+            return cls(
+                module=meta["module"], config=meta["config"], model_id=meta["model_id"],
+                hidden_size=int(meta["hidden_size"]), layer=int(meta["layer"]),
+                update_count=int(meta["update_count"]), created_at=meta["created_at"],
+                saved_at=meta["saved_at"], backend=meta.get("backend", ""),
+                format_version=meta["format_version"],
+            )
+        except ValueError as exc:
+            raise StateFileError(f"{path}: malformed lmm metadata ({exc})") from None
+
+    def config_dict(self) -> dict:
+        return json.loads(self.config)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def default_save_path(module: str, root: Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S_%f")
+    return root / f"{module}_{stamp}.safetensors"
+
+
+def save_state(path: Path, header: StateHeader, tensors: dict[str, np.ndarray]) -> None:
+    """Write atomically: a crash at any point leaves either the old file or the new one."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                  metadata=header.to_metadata())
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_state(path: Path) -> tuple[StateHeader, dict[str, np.ndarray]]:
+    """Read header and tensors; any problem becomes a one-line StateFileError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+            header = StateHeader.from_metadata(meta, path)
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, StateFileError):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StateFileError(f"{path}: not a readable safetensors state file ({msg})") from None
+    if header.format_version != FORMAT_VERSION:
+        raise StateFileError(
+            f"{path}: state format version {header.format_version}, this lmm reads {FORMAT_VERSION}"
+        )
+    return header, tensors
+
+
+def check_compatible(header: StateHeader, path: Path, *, module: str, model_id: str,
+                     hidden_size: int, layer: int) -> None:
+    checks = (
+        ("module", header.module, module),
+        ("model", header.model_id, model_id),
+        ("hidden size", header.hidden_size, hidden_size),
+        ("layer", header.layer, layer),
+    )
+    for what, found, expected in checks:
+        if found != expected:
+            raise StateFileError(
+                f"{path}: state was saved for {what} {found!r}, but this chat runs {what} {expected!r}"
+            )
