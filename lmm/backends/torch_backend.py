@@ -132,6 +132,9 @@ class TorchBackend(Backend):
                  local_files_only: bool = True) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-start "Loading weights" bar is noise in a chat
 
         self.device = pick_device(device)
         if dtype == "auto":
