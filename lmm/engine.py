@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,7 @@ class ChatEngine:
         self.turns = 0
         self.created_at = now_iso()
         self.last_update: UpdateSummary | None = None
+        self.history: list[TurnResult] = []  # every turn of this engine, with its update once applied
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmm-update")
         self._pending: Future[UpdateSummary] | None = None
         self.module = create_memory(config.memory, hidden_size=backend.hidden_size, ops=backend.ops,
@@ -145,6 +146,7 @@ class ChatEngine:
             self.last_turn = TurnResult(user_text, reply, stats.generated_tokens, stats.tokens_per_second,
                                         stats.time_to_first_token, stats.finish_reason)
             self.turns += 1
+            self.history.append(self.last_turn)
         self._schedule_update(len(self.chat_messages()) - 2)
 
     def ask(self, user_text: str) -> TurnResult:
@@ -181,21 +183,28 @@ class ChatEngine:
     # --- learning -----------------------------------------------------------------------
     def _schedule_update(self, index: int) -> None:
         if not self.learning:
-            self.last_update = UpdateSummary(turn=index, skipped="incognito")
+            self.last_turn.update = self.last_update = UpdateSummary(turn=index, skipped="incognito")
             return
         messages = [dict(m) for m in self.chat_messages()]
         work = lambda: learn_from_message(self.backend, self.module, self.hook, self.log, messages, index)  # noqa: E731
         if self.config.background_updates:
             self._pending = self._executor.submit(work)
         else:
-            self.last_update = work()
+            self.last_turn.update = self.last_update = work()
 
     def wait_for_update(self) -> UpdateSummary | None:
         """Block until the pending update is applied; return the latest update summary."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self.last_update = pending.result()
+            self.last_turn.update = self.last_update = pending.result()
         return self.last_update
+
+    def update_done(self, timeout: float = 0.0) -> bool:
+        """True when no update is pending, waiting at most `timeout` seconds for the pending one."""
+        pending = self._pending
+        if pending is not None:
+            wait([pending], timeout=timeout)
+        return pending is None or pending.done()
 
     # --- memory state --------------------------------------------------------------------
     def _install(self, module: MemoryModule) -> None:
