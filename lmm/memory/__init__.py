@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmm.memory.base import MemoryConfig, MemoryModule
+from lmm.memory.chaptered_bank import ChapteredBank, ChapteredBankConfig
 from lmm.memory.identity import IdentityConfig, IdentityMemory
 from lmm.memory.lora_on_user import LoraConfig, LoraOnUser
 from lmm.ops import Ops
@@ -61,3 +62,4 @@ def create_memory(
 
 register_memory("identity", IdentityConfig, IdentityMemory)
 register_memory("lora_on_user", LoraConfig, LoraOnUser)
+register_memory("chaptered_bank", ChapteredBankConfig, ChapteredBank)
