@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from lmm.memory.base import MemoryConfig, MemoryModule
 from lmm.memory.chaptered_bank import ChapteredBank, ChapteredBankConfig
+from lmm.memory.hash_gradient import HashGradientConfig, HashGradientMemory
 from lmm.memory.identity import IdentityConfig, IdentityMemory
 from lmm.memory.lora_on_user import LoraConfig, LoraOnUser
 from lmm.ops import Ops
@@ -62,4 +63,5 @@ def create_memory(
 
 register_memory("identity", IdentityConfig, IdentityMemory)
 register_memory("lora_on_user", LoraConfig, LoraOnUser)
+register_memory("hash_gradient", HashGradientConfig, HashGradientMemory)
 register_memory("chaptered_bank", ChapteredBankConfig, ChapteredBank)
