@@ -62,7 +62,7 @@ def learn_from_message(
     mask = turn.content_mask[first:]
     positions = list(range(len(targets)))  # output j of `feed` predicts targets[j]
 
-    logits = backend.forward_on_prefix(context, feed, "score")
+    logits = backend.forward_on_prefix(context, feed, "score", keep=positions)
     hidden = hook.captured[0] if hook.captured is not None else None
     raw = np.zeros(0, dtype=np.float32)
     if targets:
@@ -90,21 +90,19 @@ def learn_from_message(
         summary.skipped = record.skipped = "no token above the message's mean CE"
     else:
         sel_pos = [positions[i] for i in chosen]
-        sel_pos_arr = ops.asarray(sel_pos, dtype="int32")
         sel_tgt = ops.asarray(selected_ids, dtype="int32")
 
         def loss_fn(params: Params):
             with module.bound(params):
-                out = backend.forward_on_prefix(context, feed, "train")
-            return ops.mean(ops.cross_entropy(ops.take(out, sel_pos_arr, axis=0), sel_tgt))
+                out = backend.forward_on_prefix(context, feed, "train", keep=sel_pos)
+            return ops.mean(ops.cross_entropy(out, sel_tgt))
 
         batch = LearnBatch(input_ids=feed, positions=sel_pos, target_ids=selected_ids, hidden=hidden,
                            loss=loss_fn, token_losses=[float(raw[i]) for i in chosen])
         result = module.learn(batch)
         summary.loss = record.loss = float(np.mean([raw[i] for i in chosen]))
-        after = backend.forward_on_prefix(context, feed, "score")
-        summary.loss_after = record.loss_after = float(ops.to_numpy(ops.mean(ops.cross_entropy(
-            ops.take(after, sel_pos_arr, axis=0), sel_tgt))))
+        after = backend.forward_on_prefix(context, feed, "score", keep=sel_pos)
+        summary.loss_after = record.loss_after = float(ops.to_numpy(ops.mean(ops.cross_entropy(after, sel_tgt))))
         record.step_losses, record.grad_norms = result.losses, result.grad_norms
         # What follows this message in the session cache was computed by the old memory.
         backend.keep_session_prefix(n_prefix)

@@ -162,8 +162,11 @@ class Backend(ABC):
     def new_cache(self) -> Any: ...
 
     @abstractmethod
-    def _forward(self, ids: Sequence[int], cache: Any, grad: bool) -> Array:
-        """Run `ids` on top of `cache` (extending it); return logits [T, vocab] as float32."""
+    def _forward(self, ids: Sequence[int], cache: Any, grad: bool, keep: Sequence[int] | None) -> Array:
+        """Run `ids` on top of `cache` (extending it); return float32 logits [len(keep) or T, vocab].
+
+        `keep` lists the positions whose logits are needed (None: all); the output head, the
+        largest matmul of a small model, runs on those positions only."""
 
     @abstractmethod
     def cache_view(self, cache: Any, n: int) -> Any | None:
@@ -178,11 +181,11 @@ class Backend(ABC):
         raise BackendError(f"{self.name} has no beam search")
 
     # --- built on the primitives ---------------------------------------------------
-    def forward(self, ids: Sequence[int], cache: Any, phase: Phase) -> Array:
+    def forward(self, ids: Sequence[int], cache: Any, phase: Phase, keep: Sequence[int] | None = None) -> Array:
         offset = self.cache_length(cache)
         self.hook_context = RewriteContext(phase=phase, offset=offset)
         try:
-            return self._forward(ids, cache, grad=phase == "train")
+            return self._forward(ids, cache, grad=phase == "train", keep=keep)
         finally:
             self.hook_context = RewriteContext(phase="generate", offset=0)
 
@@ -237,7 +240,8 @@ class Backend(ABC):
         cache, reused = self._session_for(prompt_ids)
         stats.reused_tokens = reused
         self._session_tokens = list(prompt_ids)  # what the cache will hold after the prefill
-        logits = self.forward(prompt_ids[reused:], cache, "generate")
+        new = prompt_ids[reused:]
+        logits = self.forward(new, cache, "generate", keep=[len(new) - 1])
         first_token_time = None
         for _ in range(decoding.max_tokens):
             tok = sample_token(self.ops.to_numpy(logits[-1]), strategy, decoding.temperature,
@@ -257,8 +261,10 @@ class Backend(ABC):
             self._session_tokens.append(tok)
         stats.generation_seconds = time.perf_counter() - (first_token_time or start)
 
-    def forward_on_prefix(self, prefix_ids: Sequence[int], ids: Sequence[int], phase: Phase) -> Array:
-        """Logits of `ids` conditioned on `prefix_ids`, reusing the session cache without changing it."""
+    def forward_on_prefix(self, prefix_ids: Sequence[int], ids: Sequence[int], phase: Phase,
+                          keep: Sequence[int] | None = None) -> Array:
+        """Logits of `ids` (at positions `keep`) conditioned on `prefix_ids`, reusing the session
+        cache without changing it."""
         view = None
         n = len(prefix_ids)
         if n == 0:
@@ -269,10 +275,10 @@ class Backend(ABC):
         if view is None:
             # Rebuild the prefix once and keep it as the session cache for the following steps.
             cache = self.new_cache()
-            self.forward(prefix_ids, cache, "score")
+            self.forward(prefix_ids, cache, "score", keep=[n - 1])
             self._session_cache, self._session_tokens = cache, list(prefix_ids)
             view = self.cache_view(cache, n)
             if view is None:
                 view = self.new_cache()
-                self.forward(prefix_ids, view, "score")
-        return self.forward(ids, view, phase)
+                self.forward(prefix_ids, view, "score", keep=[n - 1])
+        return self.forward(ids, view, phase, keep=keep)

@@ -124,6 +124,23 @@ class MlxBackend(Backend):
         self.formatter = ChatFormatter(tokenizer, eos if isinstance(eos, list) else [eos])
         self.ops = MlxOps()
         self._hooked: tuple[Any, type] | None = None
+        self._keep: mx.array | None = None
+        self._slice_inner_output()
+
+    def _slice_inner_output(self) -> None:
+        """Make the inner model return only the positions in `self._keep`, so the output head
+        (a [d, vocab] matmul) runs on those rows only; norms and heads are per position."""
+        inner = getattr(self.model, "model", None)
+        if inner is None or not callable(inner):
+            return
+        original = type(inner)
+        backend = self
+
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+            h = original.__call__(self, *args, **kwargs)
+            return h if backend._keep is None else h[:, backend._keep]
+
+        inner.__class__ = type(f"Sliced{original.__name__}", (original,), {"__call__": __call__})
 
     # --- hook ------------------------------------------------------------------------
     def install_hook(self, layer: int, hook: HookFn) -> None:
@@ -179,10 +196,14 @@ class MlxBackend(Backend):
         return all(c.offset == n for c in cache)
 
     # --- forward -------------------------------------------------------------------------
-    def _forward(self, ids: Sequence[int], cache: Any, grad: bool) -> mx.array:
+    def _forward(self, ids: Sequence[int], cache: Any, grad: bool, keep: Sequence[int] | None) -> mx.array:
         if not ids:
             raise BackendError("forward needs at least one token")
-        logits = self.model(mx.array([list(ids)]), cache=cache)[0].astype(mx.float32)
+        self._keep = None if keep is None else mx.array(list(keep), dtype=mx.int32)
+        try:
+            logits = self.model(mx.array([list(ids)]), cache=cache)[0].astype(mx.float32)
+        finally:
+            self._keep = None
         if not grad:
             mx.eval(logits)
         return logits

@@ -211,10 +211,12 @@ class TorchBackend(Backend):
         return self.cache_length(cache) == n
 
     # --- forward -------------------------------------------------------------------------
-    def _forward(self, ids: Sequence[int], cache: Any, grad: bool) -> torch.Tensor:
+    def _forward(self, ids: Sequence[int], cache: Any, grad: bool, keep: Sequence[int] | None) -> torch.Tensor:
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        to_keep: Any = 0 if keep is None else torch.tensor(list(keep), dtype=torch.long, device=self.device)
         with nullcontext() if grad else torch.no_grad():
-            out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kw: cache})
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=to_keep,
+                             **{self._cache_kw: cache})
         return out.logits[0].float()
 
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
