@@ -13,6 +13,7 @@ from lmm.memory.chaptered_bank import ChapteredBank, ChapteredBankConfig
 from lmm.memory.hash_gradient import HashGradientConfig, HashGradientMemory
 from lmm.memory.identity import IdentityConfig, IdentityMemory
 from lmm.memory.lora_on_user import LoraConfig, LoraOnUser
+from lmm.memory.recurrent_state import RecurrentState, RecurrentStateConfig
 from lmm.ops import Ops
 
 
@@ -65,3 +66,4 @@ register_memory("identity", IdentityConfig, IdentityMemory)
 register_memory("lora_on_user", LoraConfig, LoraOnUser)
 register_memory("hash_gradient", HashGradientConfig, HashGradientMemory)
 register_memory("chaptered_bank", ChapteredBankConfig, ChapteredBank)
+register_memory("recurrent_state", RecurrentStateConfig, RecurrentState)
