@@ -1,50 +1,387 @@
-"""Interactive chat loop (placeholder-free minimal version; see issue on the full REPL)."""
+"""The interactive chat: prompt-toolkit input, rich output, slash commands, key rules.
+
+Owns the terminal side of a chat session: line editing with a persistent history file
+(`~/.lmm_history`, or env LMM_HISTORY_FILE; nothing is written while incognito),
+multi-line input (Alt+Enter, or a block opened and closed by `\"\"\"`), Tab completion of
+commands and their obvious arguments, streaming the reply as plain text, a dim stats line
+per turn, styling `lmm.commands` results, and the key rules: Ctrl+C while a reply streams
+stops that reply; Ctrl+C at an empty prompt leaves without saving (and says so); Ctrl+D,
+`/exit`, `exit` and `quit` save and leave. Commands and the memory live elsewhere.
+"""
 
 from __future__ import annotations
 
-import sys
+import datetime
+import os
+import signal
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from lmm.commands import is_command, run_command
+from prompt_toolkit import PromptSession
+from prompt_toolkit import prompt as ask
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.styles import Style
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from lmm.commands import COMMANDS, CommandResult, TokenLoss, complete, is_command, run_command
+from lmm.learning import UpdateSummary
 from lmm.session import ChatSession
 
 EXIT_WORDS = {"exit", "quit"}
+BLOCK = '"""'
+UPDATE_WAIT = 1.0  # seconds the stats line waits for the background update before moving on
+HISTORY_ENV = "LMM_HISTORY_FILE"
+
+# Model output is untrusted: show control characters (escape sequences!) as visible symbols.
+_CONTROL = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"}
+_CONTROL.update({0x7F: 0x2421, **{c: 0xFFFD for c in range(0x80, 0xA0)}})
+
+_PROMPT_STYLE = Style.from_dict({"user": "bold ansicyan", "incognito": "bold ansimagenta", "arrow": "ansicyan"})
+
+
+def history_path() -> Path:
+    return Path(os.environ.get(HISTORY_ENV) or Path.home() / ".lmm_history").expanduser()
+
+
+def clean(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
+def block_open(text: str) -> bool:
+    """True while the input is a `\"\"\"` block that has not been closed yet."""
+    body = text.strip()
+    return body.startswith(BLOCK) and (len(body) < 2 * len(BLOCK) or not body.endswith(BLOCK))
+
+
+def unwrap_block(text: str) -> str:
+    """The message inside a `\"\"\"` block (delimiters removed); other input just stripped."""
+    body = text.strip()
+    if body.startswith(BLOCK):
+        body = body[len(BLOCK):]
+        if body.endswith(BLOCK):
+            body = body[: -len(BLOCK)]
+    return body.strip()
+
+
+class SessionHistory(FileHistory):
+    """History file (0600) that records nothing while the session is incognito."""
+
+    def __init__(self, filename: Path, session: ChatSession, warn: Callable[[str], None]) -> None:
+        super().__init__(str(filename))
+        self.session = session
+        self.warn = warn
+        self.failed = False
+
+    def store_string(self, string: str) -> None:
+        if self.session.incognito or self.failed:
+            return
+        try:
+            fd = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as fh:
+                fh.write(f"\n# {datetime.datetime.now()}\n")
+                fh.write("".join(f"+{line}\n" for line in string.split("\n")))
+        except OSError as exc:
+            self.failed = True
+            self.warn(f"history file {self.filename} not writable ({exc.strerror}); history kept in memory only")
+
+
+class CommandCompleter(Completer):
+    """Slash commands, then their first argument: fixed choices, user names or paths."""
+
+    def __init__(self) -> None:
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
+        line = document.text_before_cursor
+        if not line.startswith("/") or "\n" in line:
+            return
+        head, space, rest = line[1:].partition(" ")
+        entry = COMMANDS.get(head.lower())
+        if space and entry is not None and entry.arg == "path":
+            yield from self.paths.get_completions(Document(rest.lstrip(), len(rest.lstrip())), complete_event)
+            return
+        for c in complete(line):
+            yield Completion(c.text, start_position=c.start, display_meta=c.meta)
+
+
+class _StopOnCtrlC:
+    """While a reply streams: first Ctrl+C asks the generator to stop, a second one raises."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnCtrlC:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def ce_style(ce: float) -> str:
+    """Colour for a token's CE (nats): calm green for expected, red for surprising."""
+    if ce < 2:
+        return "green"
+    if ce < 5:
+        return "yellow"
+    if ce < 8:
+        return "dark_orange"
+    return "red"
+
+
+def surprise_text(tokens: list[TokenLoss]) -> Text:
+    text = Text()
+    for tok, ce, learned in tokens:
+        style = ce_style(ce) + (" bold underline" if learned else "")
+        text.append(clean(tok), style=style)
+    return text
+
+
+class Repl:
+    def __init__(self, session: ChatSession, *, console: Console | None = None,
+                 history: History | None = None) -> None:
+        self.session = session
+        self.engine = session.engine
+        self.console = console or Console(highlight=False)
+        session.notice = self.engine.notice = self.notice
+        if history is None:
+            history = self._history()
+        self.prompt = PromptSession(
+            history=history, completer=CommandCompleter(), complete_while_typing=False,
+            key_bindings=self._bindings(), multiline=True, prompt_continuation=self._continuation,
+            style=_PROMPT_STYLE, enable_suspend=True,
+        )
+        self.update_unreported = False  # a turn's stats line went out before its update finished
+
+    # --- output helpers --------------------------------------------------------------
+    def say(self, message: str, style: str = "") -> None:
+        """A line of plain text; the terminal wraps it (paths stay copyable)."""
+        self.console.print(Text(clean(message), style=style), soft_wrap=True)
+
+    def notice(self, message: str) -> None:
+        self.say(message, "dim")
+
+    def error(self, message: str) -> None:
+        self.say(message, "bold red")
+
+    @property
+    def colour(self) -> bool:
+        return self.console.color_system is not None and not self.console.no_color
+
+    def _history(self) -> History:
+        path = history_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.notice(f"history file {path} unusable ({exc.strerror}); history kept in memory only")
+            return InMemoryHistory()
+        return SessionHistory(path, self.session, self.notice)
+
+    # --- input ----------------------------------------------------------------------------
+    def _bindings(self) -> KeyBindings:
+        kb = KeyBindings()
+        in_block = Condition(lambda: block_open(self.prompt.default_buffer.text))
+
+        @kb.add("c-c", filter=Condition(lambda: bool(self.prompt.default_buffer.text)))
+        def _clear(event: KeyPressEvent) -> None:
+            event.current_buffer.reset()
+
+        @kb.add("escape", "enter")
+        def _newline(event: KeyPressEvent) -> None:
+            event.current_buffer.insert_text("\n")
+
+        @kb.add("enter", filter=in_block)
+        def _block_newline(event: KeyPressEvent) -> None:
+            event.current_buffer.insert_text("\n")
+
+        @kb.add("enter", filter=~in_block)
+        def _accept(event: KeyPressEvent) -> None:
+            buffer = event.current_buffer
+            if buffer.complete_state and buffer.complete_state.current_completion:
+                buffer.apply_completion(buffer.complete_state.current_completion)
+                return
+            buffer.validate_and_handle()
+
+        return kb
+
+    @staticmethod
+    def _continuation(width: int, line_number: int, wrap_count: int) -> str:
+        return "." * max(0, width - 1) + " "
+
+    def _message(self) -> FormattedText:
+        parts = [("class:user", self.session.user or "you")]
+        if self.session.incognito:
+            parts.append(("class:incognito", " [incognito]"))
+        parts.append(("class:arrow", " >> "))
+        return FormattedText(parts)
+
+    def read(self) -> str:
+        """One input (maybe several lines). Raises EOFError / KeyboardInterrupt like prompt()."""
+        return self.prompt.prompt(self._message)
+
+    # --- the loop -------------------------------------------------------------------------
+    def banner(self) -> None:
+        e, s = self.engine, self.session
+        who = f"user {s.user}" if s.user else "no user"
+        mode = ", incognito" if s.incognito else ""
+        self.say(f"lmm chat · {e.backend.model_id} ({e.backend.name}) · memory {e.module.name} on layer {e.layer} "
+                 f"· {who}{mode}", "bold")
+        self.notice("/help lists commands · Alt+Enter or \"\"\" for multi-line · Ctrl+C stops a reply · "
+                    "Ctrl+D saves and quits · Ctrl+C at an empty prompt quits without saving")
+
+    def run(self) -> int:
+        self.banner()
+        while True:
+            self._report_finished_update()
+            try:
+                raw = self.read()
+            except EOFError:
+                return self.finish(save=True)
+            except KeyboardInterrupt:
+                if self.prompt.default_buffer.text.strip():
+                    continue  # Ctrl+C on a typed line only clears it (dumb terminals raise here)
+                return self.finish(save=False)
+            text = unwrap_block(raw)
+            if not text:
+                continue
+            if text.lower() in EXIT_WORDS:
+                return self.finish(save=True)
+            try:
+                if is_command(text) and "\n" not in text:
+                    result = self.command(text)
+                    if result.exit:
+                        return self.finish(save=result.save_on_exit)
+                    continue
+                self.turn(text)
+            except KeyboardInterrupt:  # Ctrl+C outside the streaming loop (e.g. a slow save)
+                self.say("[interrupted]", "yellow")
+
+    def command(self, line: str) -> CommandResult:
+        try:
+            result = run_command(self.session, line)
+            if result.confirm:
+                self.say(result.text.split(" Confirm with:")[0], "yellow")
+                answer = ask("Are you sure? [y/N] ")
+                if answer.strip().lower() not in {"y", "yes"}:
+                    self.notice("cancelled")
+                    return CommandResult()
+                result = run_command(self.session, result.confirm)
+        except (KeyboardInterrupt, EOFError):
+            self.notice("cancelled")
+            return CommandResult()
+        self.show(result)
+        return result
+
+    def show(self, result: CommandResult) -> None:
+        if result.error:
+            self.error(result.text)
+        elif result.tokens is not None and self.colour:
+            self.console.print(surprise_text(result.tokens))
+            legend = Text("CE: ", style="dim")
+            for label, ce in (("<2", 0), ("2-5", 3), ("5-8", 6), (">=8", 9)):
+                legend.append(label + " ", style=ce_style(ce))
+            legend.append("· learned tokens are ", style="dim").append("bold underlined", style="bold underline")
+            n = sum(1 for *_, hit in result.tokens if hit)
+            legend.append(f" · {n} of {len(result.tokens)} learned", style="dim")
+            self.console.print(legend)
+        elif result.rows is not None:
+            table = Table.grid(padding=(0, 2))
+            table.add_column(style="bold cyan", no_wrap=True)
+            table.add_column()
+            for key, value in result.rows:
+                table.add_row(Text(key), Text(clean(value)))
+            self.console.print(table)
+        elif result.text:
+            self.say(result.text)
+
+    def turn(self, text: str) -> None:
+        engine = self.engine
+        if self.update_unreported:
+            self.update_unreported = False
+            self.notice(f"(previous turn) {self._update_stats(engine.wait_for_update())}")
+        stopped = False
+        wrote = False
+        with _StopOnCtrlC() as stop:
+            try:
+                for piece in engine.stream(text, should_stop=lambda: stop.requested):
+                    if piece.text:
+                        self.console.out(clean(piece.text), end="", highlight=False)
+                        wrote = True
+            except KeyboardInterrupt:
+                stopped = True
+            except Exception as exc:  # a failing model must not end the chat
+                if wrote:
+                    self.console.out("")
+                self.error(f"error: generation failed: {exc}")
+                return
+        stopped = stopped or stop.requested
+        if wrote:
+            self.console.out("")
+        if stopped:
+            self.say("[reply stopped]", "yellow")
+        self.notice(self._turn_stats(stopped))
+
+    def _turn_stats(self, stopped: bool) -> str:
+        turn = self.engine.last_turn
+        parts = [f"{turn.generation_tokens} tokens", f"{turn.tokens_per_second:.1f} tok/s"]
+        try:
+            done = self.engine.update_done(UPDATE_WAIT) if turn.update is None else True
+        except KeyboardInterrupt:
+            done = False
+        if done:
+            parts.append(self._update_stats(self.engine.wait_for_update()))
+        elif stopped:
+            parts.append("the update runs in the background")
+            self.update_unreported = True
+        else:
+            parts.append("learning in the background…")
+            self.update_unreported = True
+        return " · ".join(parts)
+
+    @staticmethod
+    def _update_stats(update: UpdateSummary | None) -> str:
+        if update is None:
+            return "no update"
+        if update.skipped:
+            return f"not learned ({update.skipped})"
+        learned = sum(1 for *_, hit in update.token_losses if hit)
+        loss = f"loss {update.loss:.2f} -> {update.loss_after:.2f}" if update.loss is not None else "loss -"
+        return f"update {update.seconds:.2f}s · {loss} · {learned} token{'s' if learned != 1 else ''} learned"
+
+    def _report_finished_update(self) -> None:
+        if self.update_unreported and self.engine.update_done(0):
+            self.update_unreported = False
+            self.notice(f"(previous turn) {self._update_stats(self.engine.wait_for_update())}")
+
+    def finish(self, save: bool) -> int:
+        if not save:
+            self.say("Ctrl+C: leaving WITHOUT saving the memory (Ctrl+D or /exit would have saved it)", "yellow")
+            return 130
+        try:
+            path = self.session.save()
+        except (OSError, ValueError) as exc:
+            self.error(f"error: saving failed: {exc}")
+            return 1
+        if path is not None:
+            self.notice(f"memory saved to {path}")
+        return 0
 
 
 def run_repl(session: ChatSession) -> int:
-    """Read, stream the reply, learn. exit/quit/EOF save; Ctrl+C at the prompt does not."""
-    engine = session.engine
-    while True:
-        try:
-            line = input(">> ").strip()
-        except EOFError:
-            return _finish(session, save=True)
-        except KeyboardInterrupt:
-            return _finish(session, save=False)
-        if not line:
-            continue
-        if line.lower() in EXIT_WORDS:
-            return _finish(session, save=True)
-        if is_command(line):
-            result = run_command(session, line)
-            if result.text:
-                print(result.text)
-            if result.exit:
-                return _finish(session, save=result.save_on_exit)
-            continue
-        try:
-            for piece in engine.stream(line):
-                sys.stdout.write(piece.text)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            print("\n[reply interrupted]")
-        print()
-
-
-def _finish(session: ChatSession, save: bool) -> int:
-    if not save:
-        print("\ninterrupted: memory not saved", file=sys.stderr)
-        return 130
-    path = session.save()
-    if path is not None:
-        print(f"memory saved to {path}", file=sys.stderr)
-    return 0
+    """Run the interactive chat until the user leaves; return the exit code."""
+    return Repl(session).run()
