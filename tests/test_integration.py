@@ -1,0 +1,79 @@
+"""The embedded SmolLM2-135M-Instruct, end to end (converted once into artifacts/models)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmm.backends import DecodingConfig, load_backend
+from lmm.engine import ChatEngine, EngineConfig
+from lmm.models import resolve_model
+from lmm.state import read_state
+
+pytestmark = pytest.mark.integration
+FACT = "My best friend is called Zorblat and he lives in Reykjavik."
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return resolve_model(None)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx_lm"])
+def test_identity_hook_is_token_identical(embedded, backend_name: str, tmp_path: Path) -> None:
+    backend = load_backend(backend_name, embedded.path, embedded.model_id)
+    decoding = DecodingConfig(max_tokens=24)
+    prompts = ["What is the capital of France?", "Write one sentence about the sea."]
+    plain = [list(backend.generate(backend.formatter.generation_ids([{"role": "user", "content": p}]), decoding))
+             for p in prompts]
+    engine = ChatEngine(EngineConfig(memory="identity", activation_log_path=None, decoding=decoding),
+                        backend=backend)
+    hooked = []
+    for p in prompts:
+        engine.reset_chat()
+        hooked.append(list(backend.generate(backend.formatter.generation_ids([{"role": "user", "content": p}]),
+                                            decoding)))
+    assert engine.hook.calls > 0
+    assert hooked == plain
+    engine.close()
+
+
+def test_teach_save_load_in_new_process(embedded, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    state = tmp_path / "lora.safetensors"
+    engine = ChatEngine(EngineConfig(backend="torch", memory="lora_on_user", activation_log_path=log,
+                                     decoding=DecodingConfig(max_tokens=32)))
+    turn = engine.ask(FACT)
+    assert turn.update.loss_after < turn.update.loss
+    learned = "".join(turn.update.selected_tokens)
+    assert "bl" in learned or "Rey" in learned  # pieces of the rare words are the surprising ones
+    engine.save_memory(state)
+    saved = engine.module.state_tensors()
+    engine.close()
+
+    script = (
+        "import json, sys, numpy as np\n"
+        "from lmm.engine import ChatEngine, EngineConfig\n"
+        "e = ChatEngine(EngineConfig(backend='torch', memory='lora_on_user', activation_log_path=None))\n"
+        f"e.load_memory({str(state)!r})\n"
+        "np.savez(sys.argv[1], **e.module.state_tensors())\n"
+    )
+    out = tmp_path / "loaded.npz"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=300)
+    loaded = dict(np.load(out))
+    assert set(loaded) == set(saved)
+    for key in saved:
+        np.testing.assert_array_equal(loaded[key], saved[key])
+    header, _ = read_state(state)
+    assert header.model_id == "SmolLM2-135M-Instruct" and header.update_count == 1
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    post = [r for r in records if r["kind"] == "update" and r["stage"] == "post_hooks"]
+    assert len(post) == 1 and post[0]["user_text"] == FACT
+    decoded = "".join(post[0]["user_response_token_loss_by_decoded_token"])
+    assert "SmolLM" not in decoded and "Hugging" not in decoded  # the template's system prompt is not learned
