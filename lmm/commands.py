@@ -48,6 +48,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 SET_KEYS = ("temperature", "top_p", "max_tokens", "system")
+LEARNED_SHOWN = 10  # /memory lists the most surprising learned tokens of the last message
 
 
 def command(name: str, usage: str, help_text: str, *, choices: tuple[str, ...] = (),
@@ -190,7 +191,10 @@ def _memory(session: ChatSession, args: str) -> CommandResult:
     elif update.skipped:
         learned = f"last update skipped: {update.skipped}"
     else:
-        learned = " ".join(f"{tok!r}({ce:.2f})" for tok, ce, hit in update.token_losses if hit) or "none"
+        hits = sorted(((ce, tok) for tok, ce, hit in update.token_losses if hit), reverse=True)
+        learned = " ".join(f"{tok!r}({ce:.2f})" for ce, tok in hits[:LEARNED_SHOWN]) or "none"
+        if len(hits) > LEARNED_SHOWN:
+            learned += f" … and {len(hits) - LEARNED_SHOWN} more"
     rows.append(("last learned", learned))
     return _report(rows)
 

@@ -209,6 +209,7 @@ class ChatEngine:
     # --- memory state --------------------------------------------------------------------
     def _install(self, module: MemoryModule) -> None:
         self.module = module
+        self.last_update = None  # it described another memory (e.g. the previous user's)
         self.hook = MemoryHook(module, self.log, layer=self.layer, backend=self.backend.name,
                                model=self.backend.model_id, log_activations=self.config.log_activations)
         self.backend.install_hook(self.layer, self.hook)

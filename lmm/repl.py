@@ -302,7 +302,7 @@ class Repl:
         elif result.rows is not None:
             table = Table.grid(padding=(0, 2))
             table.add_column(style="bold cyan", no_wrap=True)
-            table.add_column()
+            table.add_column(overflow="fold")
             for key, value in result.rows:
                 table.add_row(Text(key), Text(clean(value)))
             self.console.print(table)
