@@ -28,6 +28,7 @@ from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.styles import Style
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -133,6 +134,47 @@ class _StopOnCtrlC:
         signal.signal(signal.SIGINT, self._previous)
 
 
+class WordWrap:
+    """Wrap streamed text at word boundaries: whole words are held until they are complete.
+
+    A word that cannot fit on any line is written as it comes (the terminal folds it).
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = max(width, 10)
+        self.column = 0
+        self.word = ""
+
+    def feed(self, text: str) -> str:
+        out: list[str] = []
+        for ch in text:
+            if ch == "\n":
+                out.append(self.flush() + "\n")
+                self.column = 0
+            elif ch.isspace():
+                out.append(self.flush())
+                if self.column >= self.width:
+                    out.append("\n")
+                    self.column = 0
+                else:
+                    out.append(ch)
+                    self.column += cell_len(ch)
+            else:
+                self.word += ch
+                if cell_len(self.word) >= self.width:  # longer than a line: stop holding it back
+                    out.append(self.flush())
+        return "".join(out)
+
+    def flush(self) -> str:
+        word, self.word = self.word, ""
+        size = cell_len(word)
+        prefix = ""
+        if self.column and self.column + size > self.width:
+            prefix, self.column = "\n", 0
+        self.column = (self.column + size) % self.width if size >= self.width else self.column + size
+        return prefix + word
+
+
 def ce_style(ce: float) -> str:
     """Colour for a token's CE (nats): calm green for expected, red for surprising."""
     if ce < 2:
@@ -169,6 +211,11 @@ class Repl:
         self.update_unreported = False  # a turn's stats line went out before its update finished
 
     # --- output helpers --------------------------------------------------------------
+    def write(self, text: str) -> None:
+        """Raw reply text: no markup, no highlighting ([brackets] are the user's, not rich's)."""
+        if text:
+            self.console.out(text, end="", highlight=False)
+
     def say(self, message: str, style: str = "") -> None:
         """A line of plain text; the terminal wraps it (paths stay copyable)."""
         self.console.print(Text(clean(message), style=style), soft_wrap=True)
@@ -241,13 +288,13 @@ class Repl:
         mode = ", incognito" if s.incognito else ""
         self.say(f"lmm chat · {e.backend.model_id} ({e.backend.name}) · memory {e.module.name} on layer {e.layer} "
                  f"· {who}{mode}", "bold")
-        self.notice("/help lists commands · Alt+Enter or \"\"\" for multi-line · Ctrl+C stops a reply · "
-                    "Ctrl+D saves and quits · Ctrl+C at an empty prompt quits without saving")
+        self.console.print(Text("/help lists commands · Alt+Enter or \"\"\" for multi-line · Ctrl+C stops a reply · "
+                                "Ctrl+D saves and quits · Ctrl+C at an empty prompt quits without saving", style="dim"))
 
     def run(self) -> int:
         self.banner()
         while True:
-            self._report_finished_update()
+            self.report_update(wait=False)
             try:
                 raw = self.read()
             except EOFError:
@@ -262,6 +309,7 @@ class Repl:
             if text.lower() in EXIT_WORDS:
                 return self.finish(save=True)
             try:
+                self.report_update(wait=True)  # the previous turn's numbers come before what follows
                 if is_command(text) and "\n" not in text:
                     result = self.command(text)
                     if result.exit:
@@ -311,27 +359,23 @@ class Repl:
 
     def turn(self, text: str) -> None:
         engine = self.engine
-        if self.update_unreported:
-            self.update_unreported = False
-            self.notice(f"(previous turn) {self._update_stats(engine.wait_for_update())}")
         stopped = False
         wrote = False
+        wrap = WordWrap(self.console.width)
         with _StopOnCtrlC() as stop:
             try:
                 for piece in engine.stream(text, should_stop=lambda: stop.requested):
                     if piece.text:
-                        self.console.out(clean(piece.text), end="", highlight=False)
+                        self.write(wrap.feed(clean(piece.text)))
                         wrote = True
             except KeyboardInterrupt:
                 stopped = True
             except Exception as exc:  # a failing model must not end the chat
-                if wrote:
-                    self.console.out("")
+                self.write(wrap.flush() + ("\n" if wrote else ""))
                 self.error(f"error: generation failed: {exc}")
                 return
         stopped = stopped or stop.requested
-        if wrote:
-            self.console.out("")
+        self.write(wrap.flush() + ("\n" if wrote else ""))
         if stopped:
             self.say("[reply stopped]", "yellow")
         self.notice(self._turn_stats(stopped))
@@ -363,8 +407,9 @@ class Repl:
         loss = f"loss {update.loss:.2f} -> {update.loss_after:.2f}" if update.loss is not None else "loss -"
         return f"update {update.seconds:.2f}s · {loss} · {learned} token{'s' if learned != 1 else ''} learned"
 
-    def _report_finished_update(self) -> None:
-        if self.update_unreported and self.engine.update_done(0):
+    def report_update(self, wait: bool) -> None:
+        """Print the stats of an update that finished after its turn's stats line."""
+        if self.update_unreported and (wait or self.engine.update_done(0)):
             self.update_unreported = False
             self.notice(f"(previous turn) {self._update_stats(self.engine.wait_for_update())}")
 

@@ -290,8 +290,8 @@ def test_zero_leakage_between_users(make_session) -> None:
 
 
 @pytest.mark.integration
-def test_zero_leakage_embedded_model(tmp_path: Path) -> None:
-    """On the real model: a made-up fact taught to alice never shows in bob's answers."""
+def test_zero_leakage_embedded_model() -> None:
+    """On the real model: a made-up word taught to alice never shows in bob's answer."""
     from lmm.models import EMBEDDED_MODEL_ID
 
     folder = Path(__file__).resolve().parents[1] / "artifacts" / "models" / EMBEDDED_MODEL_ID
@@ -299,15 +299,13 @@ def test_zero_leakage_embedded_model(tmp_path: Path) -> None:
         pytest.skip("embedded model not converted")
     config = EngineConfig(model=str(folder), backend="torch", memory="lora_on_user",
                           memory_options={"lr": "0.01", "steps": "3"}, activation_log_path=None,
-                          background_updates=False, decoding=DecodingConfig(max_tokens=24))
+                          background_updates=False, decoding=DecodingConfig(max_tokens=16))
     session = ChatSession(ChatEngine(config), user="alice")
     session.start()
-    for _ in range(3):
-        session.engine.ask("My secret password is Zorblaxian-42. Remember: Zorblaxian-42.")
+    session.engine.ask("My secret password is Zorblaxian. Remember: Zorblaxian.")
+    assert session.engine.module.update_count == 1
     run_command(session, "/user bob")
-    questions = ("What is my secret password?", "What did I ask you to remember?")
-    answers = [session.engine.ask(q).assistant for q in questions]
-    assert not any("Zorblaxian" in a for a in answers)
+    assert "Zorblaxian" not in session.engine.ask("What is my secret password?").assistant
 
 
 # --- odd input -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lmm.repl import block_open, clean, unwrap_block
+from lmm.repl import WordWrap, block_open, clean, unwrap_block
 from lmm.testing import tiny_model_dir
 
 pexpect = pytest.importorskip("pexpect")
@@ -200,3 +200,14 @@ def test_unwrap_block_and_clean() -> None:
     assert unwrap_block('"""\nline 1\nline 2\n"""') == "line 1\nline 2"
     assert unwrap_block('"""hi"""') == "hi" and unwrap_block('  plain  ') == "plain" and unwrap_block('""""""') == ""
     assert clean("a\x1b[31mb\tc\nd\x07\x9b") == "a\u241b[31mb\tc\nd\u2407\ufffd"
+
+
+def test_word_wrap_streams_whole_words() -> None:
+    wrap = WordWrap(20)
+    text = "The waves of the ocean, a tapestry woven with threads of life and averyveryverylongwordindeed ok\nend"
+    out = "".join(wrap.feed(text[i:i + 3]) for i in range(0, len(text), 3)) + wrap.flush()
+    assert out.replace("\n", " ").split() == text.replace("\n", " ").split()  # nothing lost or added
+    lines = out.split("\n")
+    assert lines[:4] == ["The waves of the ", "ocean, a tapestry ", "woven with threads ", "of life and "]
+    assert lines[4] == "averyveryverylongwordindeed ok" and lines[5] == "end"  # too long: left to the terminal
+    assert WordWrap(20).feed("no space yet") == "no space "  # a word is held until it is complete
