@@ -1,0 +1,86 @@
+"""`python -m lmm.bench`: run the memory benchmark and print one table.
+
+    python -m lmm.bench --backend torch                       # every registered module, facts.jsonl
+    python -m lmm.bench --modules lora_on_user --limit 4      # a quick run
+    python -m lmm.bench --mm-opt lora_on_user.lr=0.01 --mm-opt hash_gradient.bits=12
+    python -m lmm.bench --lifelong --sessions 5               # lifelong.jsonl into one memory
+
+Writes `<out>/bench_<backend>_<timestamp>.json` (every answer), `latest_<backend>.json` and
+a PNG chart beside them (lifelong: `lifelong_<backend>_…`, `latest_lifelong_<backend>.*`).
+The protocol is described in `lmm.bench.runner`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from lmm.backends import BackendError
+from lmm.bench.runner import DEFAULT_ANSWER_TOKENS, DEFAULT_REPLY_TOKENS, BenchConfig, parse_module_options
+from lmm.models import ModelError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lmm.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="auto", help="auto | torch | mlx_lm (default: auto)")
+    p.add_argument("--model", default=None, help="local HF folder or hub id (default: the embedded SmolLM2)")
+    p.add_argument("--modules", default=None,
+                   help="comma list of memory modules (default: every registered one); "
+                        "identity is the `none` reference row")
+    p.add_argument("--scenarios", type=Path, default=None,
+                   help="scenario JSONL (default: benchmarks/facts.jsonl; --lifelong: benchmarks/lifelong.jsonl)")
+    p.add_argument("--probes", type=Path, default=Path("benchmarks/probes.jsonl"), help="locality probes JSONL")
+    p.add_argument("--distractors", type=Path, default=Path("benchmarks/distractors.jsonl"),
+                   help="distractor pool JSONL")
+    p.add_argument("--limit", type=int, default=None, help="run only the first N scenarios")
+    p.add_argument("--mm-opt", action="append", default=[], metavar="MODULE.KEY=VALUE",
+                   help="module option (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: artifacts/bench)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
+                   help=f"tokens for answers to queries and probes (default {DEFAULT_ANSWER_TOKENS})")
+    p.add_argument("--reply-tokens", type=int, default=DEFAULT_REPLY_TOKENS,
+                   help=f"tokens for replies to teaching/distractor messages (default {DEFAULT_REPLY_TOKENS})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer", type=int, default=None, help="hooked decoder layer (default: the middle one)")
+    p.add_argument("--no-references", action="store_true", help="skip the `none` and `in-context` rows")
+    p.add_argument("--lifelong", action="store_true", help="teach every scenario into ONE memory over sessions")
+    p.add_argument("--sessions", type=int, default=5, help="--lifelong: number of sessions (default 5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.max_tokens < 1 or args.reply_tokens < 1:
+            raise ValueError("--max-tokens and --reply-tokens must be >= 1")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError("--limit must be >= 1")
+        modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
+        config = BenchConfig(
+            backend=args.backend, model=args.model, modules=modules, scenarios=args.scenarios,
+            probes=args.probes, distractors=args.distractors, limit=args.limit,
+            module_options=parse_module_options(args.mm_opt, scoped=True),  # type: ignore[arg-type]
+            out=args.out, answer_tokens=args.max_tokens, reply_tokens=args.reply_tokens, seed=args.seed,
+            references=not args.no_references, lifelong=args.lifelong, sessions=args.sessions, layer=args.layer,
+        )
+        from lmm.bench.report import print_table, write_outputs
+        from lmm.bench.runner import run_benchmark
+
+        start = time.perf_counter()
+        results = run_benchmark(config, progress=not args.no_progress)
+    except (ValueError, OSError, ModelError, BackendError) as exc:
+        print(f"lmm.bench: error: {exc}", file=sys.stderr)
+        return 2
+    paths = write_outputs(results, config.out_dir())
+    print_table(results)
+    print(f"wall time {time.perf_counter() - start:.0f} s (model load included); "
+          f"JSON {paths['json']} (+ {paths['latest_json'].name}); chart {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""The memory benchmark: recall after a restart, locality, fluency and speed, per module.
+
+Owns running the scenarios through `ChatEngine` on ONE loaded backend, the per-row records
+(every answer is kept) and their summary figures. It does not draw tables or charts
+(`lmm.bench.report`) and has no metric definitions of its own (`lmm.bench.metrics`).
+
+Protocol (recall mode, one row per memory module plus two reference rows)
+-----------------------------------------------------------------------
+* recall: for each scenario, a fresh module (a new `ChatEngine` on the shared backend).
+  Session 1: the teach messages, then the distractor messages, each as a chat turn with a
+  generated reply (``reply_tokens``) and the module's online update; the state is saved.
+  Session 2: a fresh engine on the same backend, the state loaded, no chat history; the
+  query is asked (``answer_tokens``) and matched with `metrics.recalls`. Session 2 does not
+  learn from the query (its update would come after the answer anyway).
+* locality: probe ``j`` is asked (no history) by a fresh engine holding the state saved from
+  scenario ``j mod N``, so each probe sees a memory that learned exactly one scenario. Its
+  greedy reply is compared with the reply of the plain model (hook removed, computed once
+  per run): identical replies (share) and `metrics.token_agreement` (mean).
+* fluency: the share of all answers (recall answers and probe answers) that are not
+  `metrics.is_degenerate`. `recall_fluent` counts answers that recall AND are fluent, so a
+  collapsed module answering "Alice Alice Alice ..." scores on recall but not there.
+* reference rows: ``none`` is the identity module through the same pipeline (the lower
+  bound; a registered ``identity`` module is this row, not run twice). ``in-context`` keeps
+  the teach and distractor turns in the chat history with no memory and no learning, and
+  asks the query in session 1 itself (the upper bound); its probes are asked on top of the
+  session-1 history of scenario ``j mod N``.
+* speed: decoding tokens/s over the probe replies (the same prompts for every row) divided
+  by the plain backend's over the same prompts; time to first token (median over all
+  answers); update seconds per user message (median, p95); saved state size; state load
+  time (median); wall time per row and for the run.
+
+Lifelong mode: all scenarios of a file are taught into ONE memory over K consecutive
+sessions (state saved at the end of each and loaded at the start of the next; the chat
+history resets between sessions); then a fresh engine with the final state asks every query
+with an empty history (cleared before each query). The in-context reference keeps all turns
+of all sessions in one history (the engine drops the oldest exchanges when the context
+window is full; the row records how many messages were dropped) and asks each query at its
+end (the query exchange is removed again before the next query). Probes are asked with the
+final memory (or the full history) for locality.
+
+Decoding is greedy with fixed seeds; updates run synchronously (the engine's background
+thread gives the same state, `tests/test_engine.py`), so a run is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmm.backends import DecodingConfig, load_backend
+from lmm.backends.base import Backend
+from lmm.bench.metrics import is_degenerate, median, p95, recalls, token_agreement
+from lmm.bench.scenarios import Scenario, load_distractors, load_probes, load_scenarios
+from lmm.chat_format import Message
+from lmm.engine import ChatEngine, EngineConfig, TurnResult
+from lmm.memory import get_memory_spec, memory_names
+from lmm.models import artifacts_dir, resolve_model
+
+NONE_ROW = "none"
+IN_CONTEXT_ROW = "in-context"
+IDENTITY = "identity"
+REFERENCE_ROWS = (NONE_ROW, IN_CONTEXT_ROW)
+
+# Defaults chosen by measurement (see the module docs of lmm.bench.__main__): answers need
+# room for a sentence that names the fact; teaching/distractor replies only shape the
+# history the module learns in and dominate the run time, so they are shorter.
+DEFAULT_ANSWER_TOKENS = 40
+DEFAULT_REPLY_TOKENS = 24
+# Probes per row whose plain-model reply is re-timed right before the row's reply (tokens/s ratio).
+SPEED_PAIRS = 8
+
+
+@dataclass
+class BenchConfig:
+    backend: str = "torch"
+    model: str | None = None
+    modules: list[str] | None = None  # None: every registered module
+    scenarios: Path | None = None  # None: benchmarks/facts.jsonl (lifelong: benchmarks/lifelong.jsonl)
+    probes: Path = Path("benchmarks/probes.jsonl")
+    distractors: Path = Path("benchmarks/distractors.jsonl")
+    limit: int | None = None
+    module_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    out: Path | None = None  # None: <artifacts>/bench
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS
+    reply_tokens: int = DEFAULT_REPLY_TOKENS
+    seed: int = 0
+    references: bool = True
+    lifelong: bool = False
+    sessions: int = 5
+    layer: int | None = None
+
+    def scenario_path(self) -> Path:
+        if self.scenarios is not None:
+            return Path(self.scenarios)
+        return Path("benchmarks/lifelong.jsonl" if self.lifelong else "benchmarks/facts.jsonl")
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out is not None else artifacts_dir() / "bench"
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Path):
+                out[key] = str(value)
+        out["scenarios"] = str(self.scenario_path())
+        out["out"] = str(self.out_dir())
+        return out
+
+
+# --- options ----------------------------------------------------------------------------------
+def parse_module_options(pairs: Sequence[str], *, scoped: bool) -> dict[str, dict[str, str]] | dict[str, str]:
+    """`--mm-opt` values: ``module.key=value`` when `scoped` (the benchmark), else ``key=value``."""
+    scoped_out: dict[str, dict[str, str]] = {}
+    flat: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--mm-opt expects {'module.key' if scoped else 'key'}=value, got {pair!r}")
+        if scoped:
+            module, dot, opt = key.partition(".")
+            if not dot or not module or not opt:
+                raise ValueError(f"--mm-opt expects module.key=value, got {pair!r}")
+            get_memory_spec(module)  # unknown module: ValueError naming the registered ones
+            scoped_out.setdefault(module, {})[opt.replace("-", "_")] = value.strip()
+        else:
+            flat[key.replace("-", "_")] = value.strip()
+    return scoped_out if scoped else flat
+
+
+def check_module_options(module: str, options: dict[str, str]) -> None:
+    """Fail before a long run when an option is unknown or malformed."""
+    get_memory_spec(module).config_cls.from_strings(options)
+
+
+def select_modules(requested: Sequence[str] | None) -> list[str]:
+    names = list(requested) if requested else memory_names()
+    for name in names:
+        if name not in REFERENCE_ROWS:
+            get_memory_spec(name)
+    out: list[str] = []
+    for name in names:
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def load_shared_backend(backend: str, model: str | None) -> Backend:
+    """Load one backend, the way `ChatEngine` would, to be shared by every engine of a run."""
+    resolved = resolve_model(model)
+    return load_backend(backend, resolved.path, resolved.model_id,
+                        local_files_only=Path(resolved.path).is_dir())
+
+
+def new_engine(backend: Backend, memory: str, options: dict[str, str] | None, *, max_tokens: int, seed: int,
+               learning: bool = True, layer: int | None = None) -> ChatEngine:
+    """A fresh engine (fresh module) on an already loaded backend: greedy, no logs, synchronous updates."""
+    config = EngineConfig(
+        backend=backend.name, memory=memory, memory_options=dict(options or {}), seed=seed, layer=layer,
+        decoding=DecodingConfig(strategy="greedy", max_tokens=max_tokens, seed=seed),
+        activation_log_path=None, log_activations=False, background_updates=False,
+    )
+    engine = ChatEngine(config, backend=backend)
+    engine.learning = learning
+    return engine
+
+
+def set_max_tokens(engine: ChatEngine, max_tokens: int) -> None:
+    engine.config.decoding = dataclasses.replace(engine.config.decoding, max_tokens=max_tokens)
+
+
+# --- one generation with its token ids ------------------------------------------------------
+@dataclass
+class Reply:
+    text: str
+    tokens: list[int]
+    generated_tokens: int
+    generation_seconds: float
+    ttft: float
+
+
+def generate_reply(backend: Backend, messages: list[Message], max_tokens: int, seed: int,
+                   fresh_cache: bool = True) -> Reply:
+    """Greedy reply to `messages` with whatever hook is installed, keeping the token ids.
+
+    `ChatEngine.stream` does not expose every token id (it skips yielding tokens that end in
+    an incomplete UTF-8 sequence), and token agreement needs them, so probes call the
+    backend the way the engine does: the same chat rendering, from a fresh session cache
+    (or, with `fresh_cache=False`, reusing the cached prefix as the engine does in a chat)."""
+    fmt = backend.formatter
+    decoding = DecodingConfig(strategy="greedy", max_tokens=max_tokens, seed=seed)
+    msgs = list(messages)
+    budget = backend.context_length - max_tokens
+    prompt = fmt.generation_ids(msgs)
+    while len(prompt) > budget and len(msgs) > 2:  # mirror the engine: drop the oldest exchange
+        first = 1 if msgs[0]["role"] == "system" else 0
+        del msgs[first:first + 2]
+        prompt = fmt.generation_ids(msgs)
+    if fresh_cache:
+        backend.reset_session()
+    tokens = list(backend.generate(prompt, decoding))
+    stats = backend.last_stats
+    return Reply(fmt.decode(tokens).strip(), tokens, stats.generated_tokens, stats.generation_seconds,
+                 stats.time_to_first_token)
+
+
+def _turn_record(turn: TurnResult) -> dict[str, Any]:
+    update = turn.update
+    learned = update is not None and update.skipped != "incognito"
+    return {
+        "user": turn.user, "assistant": turn.assistant, "generation_tokens": turn.generation_tokens,
+        "generation_seconds": turn.generation_tokens / turn.tokens_per_second if turn.tokens_per_second else 0.0,
+        "ttft": turn.time_to_first_token,
+        "update_seconds": update.seconds if learned else None,
+        "n_selected": len(update.selected_tokens) if update is not None else 0,
+        "update_skipped": update.skipped if update is not None else None,
+    }
+
+
+def _answer_record(turn: TurnResult) -> dict[str, Any]:
+    return {"answer": turn.assistant, "generation_tokens": turn.generation_tokens,
+            "generation_seconds": turn.generation_tokens / turn.tokens_per_second if turn.tokens_per_second else 0.0,
+            "ttft": turn.time_to_first_token}
+
+
+def _probe_record(prompt: str, source: str | None, reply: Reply, baseline: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt": prompt, "memory_from": source, "answer": reply.text, "tokens": reply.tokens,
+        "baseline": baseline["answer"], "identical": reply.tokens == baseline["tokens"],
+        "agreement": token_agreement(reply.tokens, baseline["tokens"]),
+        "generation_tokens": reply.generated_tokens, "generation_seconds": reply.generation_seconds,
+        "ttft": reply.ttft,
+    }
+
+
+# --- summary figures ------------------------------------------------------------------------
+def _nan_to_none(x: float) -> float | None:
+    return None if x != x else x
+
+
+def _tps(items: Sequence[dict[str, Any]]) -> float | None:
+    tokens = sum(i.get("generation_tokens", 0) for i in items)
+    seconds = sum(i.get("generation_seconds", 0.0) for i in items)
+    return tokens / seconds if seconds > 0 else None
+
+
+def summarize_row(row: dict[str, Any], plain_tps: float | None = None) -> dict[str, Any]:
+    """Compute a row's figures from its raw records (answers, probes, turns, timings) in place."""
+    scen = row.get("scenarios", [])
+    probes = row.get("probes", [])
+    for s in scen:
+        s["recalled"] = recalls(s["answer"], s["expect"])
+        s["degenerate"] = is_degenerate(s["answer"])
+    for p in probes:
+        p["degenerate"] = is_degenerate(p["answer"])
+    n = len(scen)
+    k = sum(s["recalled"] for s in scen)
+    answers = [s["degenerate"] for s in scen] + [p["degenerate"] for p in probes]
+    turns = [t for s in scen for t in s.get("turns", [])] + row.get("turns", [])
+    updates = [t["update_seconds"] for t in turns if t.get("update_seconds") is not None]
+    ttfts = [a["ttft"] for a in scen + probes if a.get("ttft") is not None]
+    loads = row.get("load_seconds", [])
+    sizes = row.get("state_bytes", [])
+    probe_tps = _tps(probes)
+    paired = [p for p in probes if p.get("paired_plain")]
+    if paired:  # the same prompts, plain model timed right before: robust to a changing machine load
+        plain_tps = _tps([p["paired_plain"] for p in paired])
+        ratio_tps = _tps(paired)
+    else:
+        ratio_tps = probe_tps
+    row["summary"] = {
+        "n": n,
+        "recalled": k,
+        "recall": k / n if n else None,
+        "recall_fluent": sum(s["recalled"] and not s["degenerate"] for s in scen),
+        "n_probes": len(probes),
+        "locality": sum(p["identical"] for p in probes) / len(probes) if probes else None,
+        "token_agreement": sum(p["agreement"] for p in probes) / len(probes) if probes else None,
+        "n_answers": len(answers),
+        "fluent": sum(not d for d in answers),
+        "fluency": sum(not d for d in answers) / len(answers) if answers else None,
+        "probe_tps": probe_tps,
+        "answer_tps": _tps(scen + probes),
+        "tps_ratio": ratio_tps / plain_tps if ratio_tps and plain_tps else None,
+        "tps_ratio_pairs": len(paired),
+        "ttft_median": _nan_to_none(median(ttfts)),
+        "update_median": _nan_to_none(median(updates)),
+        "update_p95": _nan_to_none(p95(updates)),
+        "n_updates": len(updates),
+        "state_bytes_median": _nan_to_none(median(sizes)),
+        "state_bytes_max": max(sizes) if sizes else None,
+        "load_median": _nan_to_none(median(loads)),
+        "wall_seconds": row.get("wall_seconds"),
+    }
+    return row["summary"]
+
+
+# --- the runner -----------------------------------------------------------------------------
+Advance = Callable[[str], None]
+
+
+class BenchRunner:
+    """Runs the rows of one benchmark on one loaded backend; `run()` returns the JSON-able results."""
+
+    def __init__(self, config: BenchConfig, backend: Backend, *, advance: Advance = lambda desc: None) -> None:
+        self.config = config
+        self.backend = backend
+        self.advance = advance
+        distractor_pool = load_distractors(config.distractors) if Path(config.distractors).exists() else []
+        scenarios = load_scenarios(config.scenario_path(), distractor_pool)
+        if config.limit is not None:
+            scenarios = scenarios[: config.limit]
+        if not scenarios:
+            raise ValueError(f"{config.scenario_path()}: no scenarios to run")
+        self.scenarios: list[Scenario] = scenarios
+        self.probes: list[str] = load_probes(config.probes)
+        self.modules = select_modules(config.modules)
+        for module, options in config.module_options.items():
+            check_module_options(module, options)
+        if config.lifelong and config.sessions < 1:
+            raise ValueError(f"--sessions must be >= 1, got {config.sessions}")
+        self._plain: list[dict[str, Any]] = []
+
+    # --- rows ---------------------------------------------------------------------------
+    def row_names(self) -> list[str]:
+        wants_none = self.config.references or IDENTITY in self.modules or NONE_ROW in self.modules
+        rows = [NONE_ROW] if wants_none else []
+        rows += [m for m in self.modules if m not in (IDENTITY, *REFERENCE_ROWS)]
+        if self.config.references or IN_CONTEXT_ROW in self.modules:
+            rows.append(IN_CONTEXT_ROW)
+        return rows
+
+    def total_steps(self) -> int:
+        """Progress units: one per taught scenario, asked query and probe (plus the plain probes)."""
+        per_row = 2 * len(self.scenarios) if self.config.lifelong else len(self.scenarios)
+        return len(self.probes) + len(self.row_names()) * (per_row + len(self.probes))
+
+    def _options(self, row: str) -> dict[str, str]:
+        module = IDENTITY if row in REFERENCE_ROWS else row
+        return dict(self.config.module_options.get(module, {}))
+
+    def _engine(self, module: str, options: dict[str, str], max_tokens: int, learning: bool = True) -> ChatEngine:
+        return new_engine(self.backend, module, options, max_tokens=max_tokens, seed=self.config.seed,
+                          learning=learning, layer=self.config.layer)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        start = time.perf_counter()
+        started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        state_root = Path(tempfile.mkdtemp(prefix="lmm-bench-"))
+        try:
+            self._plain = self._plain_probes()
+            plain_tps = _tps(self._plain)
+            rows = []
+            for name in self.row_names():
+                row_start = time.perf_counter()
+                self._warmup(IDENTITY if name in REFERENCE_ROWS else name, self._options(name))
+                if cfg.lifelong:
+                    row = self._lifelong_row(name, state_root)
+                else:
+                    row = self._recall_row(name, state_root)
+                row["wall_seconds"] = time.perf_counter() - row_start
+                summarize_row(row, plain_tps)
+                rows.append(row)
+        finally:
+            self.backend.remove_hook()
+            self.backend.reset_session()
+            shutil.rmtree(state_root, ignore_errors=True)
+        layer = self.backend.num_layers // 2 if cfg.layer is None else cfg.layer
+        return {
+            "kind": "lifelong" if cfg.lifelong else "recall",
+            "backend": self.backend.name, "model_id": self.backend.model_id, "layer": layer,
+            "started_at": started_at, "command": " ".join(sys.argv), "config": cfg.to_json(),
+            "scenarios_file": str(cfg.scenario_path()), "n_scenarios": len(self.scenarios),
+            "probes_file": str(cfg.probes), "n_probes": len(self.probes),
+            "locality_pairing": ("probe j is asked with the final lifelong memory" if cfg.lifelong else
+                                 "probe j is asked with the state saved from scenario j mod N (N scenarios)"),
+            "plain": {"probes": self._plain, "probe_tps": plain_tps,
+                      "ttft_median": _nan_to_none(median([p["ttft"] for p in self._plain]))},
+            "rows": rows,
+            "wall_seconds": time.perf_counter() - start,
+        }
+
+    # --- the plain model ----------------------------------------------------------------
+    def _plain_probes(self) -> list[dict[str, Any]]:
+        """Probe replies of the model with no hook at all: the locality reference and the speed baseline."""
+        self.backend.remove_hook()
+        generate_reply(self.backend, [{"role": "user", "content": "Hello!"}], 4, self.config.seed)  # warm-up
+        out = []
+        for prompt in self.probes:
+            reply = generate_reply(self.backend, [{"role": "user", "content": prompt}],
+                                   self.config.answer_tokens, self.config.seed)
+            out.append({"prompt": prompt, "answer": reply.text, "tokens": reply.tokens,
+                        "generation_tokens": reply.generated_tokens, "generation_seconds": reply.generation_seconds,
+                        "ttft": reply.ttft})
+            self.advance("plain model (probes)")
+        return out
+
+    def _probe(self, j: int, prompt: str, engine: ChatEngine, source: str | None,
+               history: list[Message] | None = None) -> dict[str, Any]:
+        messages = engine.chat_messages() if history is None else list(history)
+        messages = messages + [{"role": "user", "content": prompt}]
+        plain = None
+        if j < SPEED_PAIRS:
+            # Time the plain model on the same prompt right before, so that the tokens/s ratio
+            # compares two measurements taken under the same machine load.
+            self.backend.remove_hook()
+            plain = generate_reply(self.backend, [{"role": "user", "content": prompt}],
+                                   self.config.answer_tokens, self.config.seed)
+            self.backend.install_hook(engine.layer, engine.hook)
+            self.backend.reset_session()
+        reply = generate_reply(self.backend, messages, self.config.answer_tokens, self.config.seed,
+                               fresh_cache=history is None or len(history) == 0)
+        record = _probe_record(prompt, source, reply, self._plain[j])
+        if plain is not None:
+            record["paired_plain"] = {"generation_tokens": plain.generated_tokens,
+                                      "generation_seconds": plain.generation_seconds, "ttft": plain.ttft}
+        return record
+
+    def _warmup(self, module: str, options: dict[str, str]) -> None:
+        """One throwaway turn (reply + update) so that first-call costs stay out of the figures."""
+        engine = self._engine(module, options, min(4, self.config.reply_tokens))
+        engine.ask("Hello, this is a warm-up message.")
+        engine.close()
+
+    # --- recall mode ----------------------------------------------------------------------
+    def _recall_row(self, name: str, state_root: Path) -> dict[str, Any]:
+        cfg = self.config
+        in_context = name == IN_CONTEXT_ROW
+        module = IDENTITY if name in REFERENCE_ROWS else name
+        options = self._options(name)
+        row: dict[str, Any] = {"name": name, "kind": "reference" if name in REFERENCE_ROWS else "module",
+                               "module": None if in_context else module, "options": options,
+                               "scenarios": [], "probes": [], "load_seconds": [], "state_bytes": []}
+        states: list[Path] = []
+        histories: list[list[Message]] = []
+        for i, sc in enumerate(self.scenarios):
+            self.advance(f"{name}: {sc.name}")
+            engine = self._engine(module, options, cfg.reply_tokens, learning=not in_context)
+            turns = []
+            dropped = 0
+            for text in (*sc.teach, *sc.distractors):
+                before = len(engine.messages)
+                turns.append(_turn_record(engine.ask(text)))
+                dropped += max(0, before + 2 - len(engine.messages))
+            record: dict[str, Any] = {"name": sc.name, "query": sc.query, "expect": list(sc.expect), "turns": turns}
+            if in_context:
+                histories.append(engine.chat_messages())
+                set_max_tokens(engine, cfg.answer_tokens)
+                before = len(engine.messages)
+                record.update(_answer_record(engine.ask(sc.query)))
+                dropped += max(0, before + 2 - len(engine.messages))
+                record["history_dropped_messages"] = dropped
+                engine.close()
+            else:
+                path = state_root / name / f"{i:04d}.safetensors"
+                engine.save_memory(path)
+                engine.close()
+                states.append(path)
+                size = path.stat().st_size
+                row["state_bytes"].append(size)
+                fresh = self._engine(module, options, cfg.answer_tokens, learning=False)
+                t0 = time.perf_counter()
+                fresh.load_memory(path)
+                row["load_seconds"].append(time.perf_counter() - t0)
+                record.update(_answer_record(fresh.ask(sc.query)))
+                record["state_bytes"] = size
+                fresh.close()
+            row["scenarios"].append(record)
+        for j, prompt in enumerate(self.probes):
+            self.advance(f"{name}: probes")
+            i = j % len(self.scenarios)
+            engine = self._engine(module, options, cfg.answer_tokens, learning=False)
+            if in_context:
+                row["probes"].append(self._probe(j, prompt, engine, self.scenarios[i].name, histories[i]))
+            else:
+                t0 = time.perf_counter()
+                engine.load_memory(states[i])
+                row["load_seconds"].append(time.perf_counter() - t0)
+                row["probes"].append(self._probe(j, prompt, engine, self.scenarios[i].name))
+            engine.close()
+        return row
+
+    # --- lifelong mode --------------------------------------------------------------------
+    def sessions(self) -> list[list[Scenario]]:
+        """The scenarios split into K consecutive sessions whose sizes differ by at most one."""
+        k = min(self.config.sessions, len(self.scenarios))
+        base, extra = divmod(len(self.scenarios), k)
+        out, start = [], 0
+        for s in range(k):
+            size = base + (1 if s < extra else 0)
+            out.append(self.scenarios[start:start + size])
+            start += size
+        return out
+
+    def _lifelong_row(self, name: str, state_root: Path) -> dict[str, Any]:
+        cfg = self.config
+        in_context = name == IN_CONTEXT_ROW
+        module = IDENTITY if name in REFERENCE_ROWS else name
+        options = self._options(name)
+        row: dict[str, Any] = {"name": name, "kind": "reference" if name in REFERENCE_ROWS else "module",
+                               "module": None if in_context else module, "options": options,
+                               "scenarios": [], "probes": [], "turns": [], "load_seconds": [], "state_bytes": [],
+                               "sessions": [len(s) for s in self.sessions()]}
+        path = state_root / name / "lifelong.safetensors"
+        dropped = 0
+        engine = None
+        for s, chunk in enumerate(self.sessions()):
+            if engine is None or not in_context:  # in-context: one history across all sessions
+                engine = self._engine(module, options, cfg.reply_tokens, learning=not in_context)
+                if s > 0 and not in_context:
+                    t0 = time.perf_counter()
+                    engine.load_memory(path)
+                    row["load_seconds"].append(time.perf_counter() - t0)
+            for sc in chunk:
+                self.advance(f"{name}: session {s + 1}: {sc.name}")
+                for text in (*sc.teach, *sc.distractors):
+                    before = len(engine.messages)
+                    record = _turn_record(engine.ask(text))
+                    record["session"] = s
+                    row["turns"].append(record)
+                    dropped += max(0, before + 2 - len(engine.messages))
+            if not in_context:
+                engine.save_memory(path)
+                row["state_bytes"].append(path.stat().st_size)
+                engine.close()
+        assert engine is not None
+        if in_context:
+            history = engine.chat_messages()
+            set_max_tokens(engine, cfg.answer_tokens)
+            engine.learning = False
+            kept = list(engine.messages)
+        else:
+            engine = self._engine(module, options, cfg.answer_tokens, learning=False)
+            t0 = time.perf_counter()
+            engine.load_memory(path)
+            row["load_seconds"].append(time.perf_counter() - t0)
+            history = None
+        for sc in self.scenarios:
+            self.advance(f"{name}: {sc.name}?")
+            if in_context:
+                engine.messages = list(kept)
+                before = len(engine.messages)
+                turn = engine.ask(sc.query)
+                dropped += max(0, before + 2 - len(engine.messages))
+            else:
+                engine.reset_chat()
+                turn = engine.ask(sc.query)
+            row["scenarios"].append({"name": sc.name, "query": sc.query, "expect": list(sc.expect),
+                                     **_answer_record(turn)})
+        for j, prompt in enumerate(self.probes):
+            self.advance(f"{name}: probes")
+            if in_context:
+                row["probes"].append(self._probe(j, prompt, engine, "all sessions", history))
+            else:
+                row["probes"].append(self._probe(j, prompt, engine, "lifelong memory", []))
+        engine.close()
+        row["history_dropped_messages"] = dropped
+        return row
+
+
+def run_benchmark(config: BenchConfig, backend: Backend | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Load the backend (unless given), run every row with a progress bar on stderr, return the results."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if backend is None:
+        backend = load_shared_backend(config.backend, config.model)
+    console = Console(stderr=True)
+    columns = (TextColumn("[progress.description]{task.description:<44}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task("starting", total=None)
+        runner = BenchRunner(config, backend,
+                             advance=lambda desc: bar.update(task, advance=1, description=desc[:44]))
+        bar.update(task, total=runner.total_steps())
+        results = runner.run()
+        bar.update(task, description="done")
+    return results
+
