@@ -19,8 +19,9 @@ subtracting the mean of the normalised states; the mean of one prompt is already
 the typical hidden norm, a geometric mean that the attention-sink token, ~150x the median
 norm there, barely moves) over the passes it sees while its table is empty, and freezes
 both when the first row is written: moving them later would re-key every written row.
-`scale` makes rows dimensionless (units of the typical hidden norm), so one `lr` suits
-models of different widths and norms. Both are saved with the table.
+`scale` (typical norm / sqrt(d)) makes rows dimensionless: a coordinate of 1 is a typical
+coordinate, so `steps` Adam steps of `lr` change the hidden state by at most ~steps * lr of
+its norm, on models of any width and norm. Both are saved with the table.
 
 It owns no token selection (shared, `lmm.memory.base`) and no model code. The optimizer
 moments are reset at every update: the rows trained change from one message to the next.
@@ -43,7 +44,10 @@ CALIBRATION_TOKENS = 4096  # the running mean is ample by then; stop paying the 
 
 @dataclass
 class HashGradientConfig(GradientConfig):
-    lr: float = 1e-2
+    # 5 Adam steps of 0.03 move a correction by up to ~15% of the hidden norm. On SmolLM2-135M
+    # (torch, 8 generic user messages, 8 other unrelated probes) lr 0.01 / 0.03 / 0.1 gave selected-token
+    # CE 8.0 -> 5.7 / 2.6 / 0.2 and changed 0 / 1 / 2 of 5 probe replies.
+    lr: float = 3e-2
     steps: int = 5
     bits: int = 16
     radius: int = 0  # Hamming radius of the lookup: 0 reads exact codes only
@@ -130,7 +134,10 @@ class HashGradientMemory(GradientMemory):
         cfg: HashGradientConfig = self.config  # type: ignore[assignment]
         center = self._center if cfg.center else np.zeros_like(self._center)
         self._center_proj = (center.astype(np.float32) @ self._proj).astype(np.float32)
-        self.scale = float(np.exp(self._log_norm)) if self._count else 1.0
+        # Per-coordinate RMS of a typical hidden state: a row coordinate of 1 is a typical coordinate,
+        # so Adam's ~lr per coordinate and step moves the correction by ~lr of the hidden norm per step
+        # whatever the width (without sqrt(d), lr would act sqrt(d) times more on wide models).
+        self.scale = float(np.exp(self._log_norm) / np.sqrt(self.hidden_size)) if self._count else 1.0
 
     def _resizable(self, name: str) -> bool:
         return name in {"rows", "keys", "written_at"}
