@@ -3,11 +3,13 @@
 Owns a bank of N slots (keys and values of width d_mem) grouped in C chapters of S = N / C
 slots, a router (one key per chapter, [C, d]) and a zero-initialised output projection, so
 a fresh bank is exactly the identity. Each position reads the slots of its k selected
-chapters: one softmax over those k * S slots plus a null "sink" slot (logit 0, value 0, so
-a position may read nothing), each slot's logit being the scaled dot product q . k / sqrt(d_mem)
-plus its chapter's router score (so the router keys get a gradient even with k = 1). The
-output is `x + rms(x) * (read @ W_o)`: the correction is relative to the hidden state's scale,
-which makes one learning rate fit models whose middle-layer scales differ.
+chapters: one softmax over those k * S slots plus a null slot (logit `null_logit`, value 0),
+each slot's logit being the scaled dot product q . k / sqrt(d_mem) plus its chapter's router
+score (so the router keys get a gradient even with k = 1). With the null slot ahead, an
+untrained bank reads little, and a key must be learned to be read: unrelated prompts are left
+nearly alone. The output is `x + rms(x) * (read @ W_o) / sqrt(d_mem)`: the correction is
+relative to the hidden state's scale and an Adam step changes it by about lr whatever the
+width, so one learning rate fits models of different sizes.
 
 Routing compares `mean(unit(x)) - center` with the router keys (cosine). `center` is the
 running mean of the unit hidden states of every position the chat has processed (a saved
@@ -50,7 +52,7 @@ EPS = 1e-6
 @dataclass
 class ChapteredBankConfig(GradientConfig):
     lr: float = 1e-2
-    steps: int = 4
+    steps: int = 3
     num_slots: int = 64
     num_chapters: int = 8
     top_k: int = 1
@@ -60,6 +62,7 @@ class ChapteredBankConfig(GradientConfig):
     low_rank: int = 0
     storage_bits: int = 32
     router_scale: float = 4.0
+    null_logit: float = 4.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +86,8 @@ class ChapteredBankConfig(GradientConfig):
             raise ValueError(f"storage_bits must be 32 or 8, got {self.storage_bits}")
         if not self.router_scale >= 0:
             raise ValueError(f"router_scale must be >= 0, got {self.router_scale}")
+        if not np.isfinite(self.null_logit):
+            raise ValueError(f"null_logit must be finite, got {self.null_logit}")
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,9 +209,10 @@ class ChapteredBank(GradientMemory):
         bias = (ops.expand_dims(score * cfg.router_scale, -1) + ops.zeros((s,))).reshape(b, tp, 1, k * s)
         q = xn @ self.buffers["w_in"] if "w_in" in self.buffers else xn
         logits = (ops.expand_dims(q, 2) @ ops.swapaxes(keys, -1, -2)) / float(np.sqrt(self.dm)) + bias
-        attn = ops.softmax(ops.concat([logits, ops.zeros((b, t, 1, 1))], axis=-1), axis=-1)[..., : k * s]
+        null = ops.zeros((b, t, 1, 1)) + cfg.null_logit
+        attn = ops.softmax(ops.concat([logits, null], axis=-1), axis=-1)[..., : k * s]
         read = (attn @ vals).reshape(b, t, self.dm)
-        out = x + rms * (read @ p["w_out"])
+        out = x + rms * (read @ p["w_out"]) / float(np.sqrt(self.dm))
         if ctx.phase == "generate":
             self._advance(u, sel, new_hist, t)
         return ops.astype(out, hidden)
