@@ -8,9 +8,9 @@ Owns a short-term state h [B, d_state] carried token by token through the chat,
 S slots [S, d_state] that are written with the final state of each learned user message, and
 the read `out_t = x_t + rms(x_t) * (W_o [ĥ_t ; r_t]) / sqrt(2 d_state)` with W_o zero-initialised
 (a fresh module is exactly the identity; the scales make an Adam step change the output by about
-lr relative to the hidden state, whatever the model's widths). ĥ_t is h_t / rms(h_t); r_t reads the written slots by attention from
-q_t = W_q h_t (logits = read_temperature * cos(q_t, slot), one null "sink" logit 0 with value 0,
-unwritten slots masked), each slot RMS-normalised.
+lr relative to the hidden state, whatever the model's widths). ĥ_t is h_t / rms(h_t); r_t reads
+the written slots by attention from q_t = W_q h_t (logits = read_temperature * cos(q_t, slot),
+one null "sink" logit 0 with value 0, unwritten slots masked), each slot RMS-normalised.
 
 Short-term state: per session, a transient buffer of the state after every cached position,
 advanced only in the generate phase (prefill and decode); a forward at `ctx.offset` resumes
