@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -76,11 +76,17 @@ def unwrap_block(text: str) -> str:
 class SessionHistory(FileHistory):
     """History file (0600) that records nothing while the session is incognito."""
 
-    def __init__(self, filename: Path, session: ChatSession, warn: Callable[[str], None]) -> None:
+    def __init__(self, filename: Path, session: ChatSession) -> None:
         super().__init__(str(filename))
         self.session = session
-        self.warn = warn
         self.failed = False
+        self.problem = ""  # a write failure, for the REPL to show once the prompt is done
+
+    def load_history_strings(self) -> Iterable[str]:
+        try:
+            return list(super().load_history_strings())
+        except OSError:
+            return []  # checked before the prompt starts; a file that vanished meanwhile is just empty
 
     def store_string(self, string: str) -> None:
         if self.session.incognito or self.failed:
@@ -92,7 +98,7 @@ class SessionHistory(FileHistory):
                 fh.write("".join(f"+{line}\n" for line in string.split("\n")))
         except OSError as exc:
             self.failed = True
-            self.warn(f"history file {self.filename} not writable ({exc.strerror}); history kept in memory only")
+            self.problem = f"history file {self.filename} not writable ({exc.strerror}); history kept in memory only"
 
 
 class CommandCompleter(Completer):
@@ -234,10 +240,13 @@ class Repl:
         path = history_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                with open(path, "rb"):
+                    pass
         except OSError as exc:
             self.notice(f"history file {path} unusable ({exc.strerror}); history kept in memory only")
             return InMemoryHistory()
-        return SessionHistory(path, self.session, self.notice)
+        return SessionHistory(path, self.session)
 
     # --- input ----------------------------------------------------------------------------
     def _bindings(self) -> KeyBindings:
@@ -279,7 +288,13 @@ class Repl:
 
     def read(self) -> str:
         """One input (maybe several lines). Raises EOFError / KeyboardInterrupt like prompt()."""
-        return self.prompt.prompt(self._message)
+        try:
+            return self.prompt.prompt(self._message)
+        finally:
+            history = self.prompt.history
+            if isinstance(history, SessionHistory) and history.problem:
+                self.notice(history.problem)
+                history.problem = ""
 
     # --- the loop -------------------------------------------------------------------------
     def banner(self) -> None:
