@@ -47,7 +47,7 @@ class ChatFormatter:
         )
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -66,7 +66,7 @@ class ChatFormatter:
         full = self.render(messages[: index + 1], add_generation_prompt=False)
         if not full.startswith(before):
             before = ""  # a template that rewrites earlier turns: treat the whole text as the turn
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids: list[int] = list(enc["input_ids"])
         offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
         n_prefix = sum(1 for start, _ in offsets if start < len(before))
