@@ -213,6 +213,7 @@ class ChatEngine:
         self.hook = MemoryHook(module, self.log, layer=self.layer, backend=self.backend.name,
                                model=self.backend.model_id, log_activations=self.config.log_activations)
         self.backend.install_hook(self.layer, self.hook)
+        module.attach(self.backend, self.layer)
         self.backend.reset_session()
 
     def header(self) -> StateHeader:

@@ -98,7 +98,8 @@ def learn_from_message(
             return ops.mean(ops.cross_entropy(out, sel_tgt))
 
         batch = LearnBatch(input_ids=feed, positions=sel_pos, target_ids=selected_ids, hidden=hidden,
-                           loss=loss_fn, token_losses=[float(raw[i]) for i in chosen])
+                           loss=loss_fn, token_losses=[float(raw[i]) for i in chosen],
+                           messages=list(messages[: index + 1]), index=index)
         result = module.learn(batch)
         summary.loss = record.loss = float(np.mean([raw[i] for i in chosen]))
         after = backend.forward_on_prefix(context, feed, "score", keep=sel_pos)

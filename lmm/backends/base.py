@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lmm.backends.attention_memory import Captured, ExtraKV
 from lmm.chat_format import ChatFormatter
 from lmm.memory.base import Phase, RewriteContext
 from lmm.ops import Array, Ops
@@ -150,6 +151,9 @@ class Backend(ABC):
         self._session_cache: Any = None
         self._session_tokens: list[int] = []
         self.last_stats = GenerationStats()
+        self.installed_hook: HookFn | None = None  # set by install_hook, cleared by remove_hook
+        self.extra_kv: ExtraKV | None = None  # attention memory read by every forward (set_extra_kv)
+        self._bypass_hook = False  # True during `capture`: the frozen model, no memory
 
     # --- primitives each backend implements ----------------------------------------
     @abstractmethod
@@ -179,6 +183,33 @@ class Backend(ABC):
 
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         raise BackendError(f"{self.name} has no beam search")
+
+    def capture(self, ids: Sequence[int], *, hidden_layer: int | None = None,
+                kv_layers: Sequence[int] = ()) -> Captured:
+        """Run the frozen model (memory hook bypassed, no extra keys/values) on `ids` from an empty
+        cache; return the hidden states entering `hidden_layer` and the keys/values of `kv_layers`.
+        Stops after `hidden_layer` when no keys/values are asked for."""
+        raise BackendError(f"{self.name} cannot capture layer states")
+
+    # --- attention memory ----------------------------------------------------------
+    def set_extra_kv(self, extra: ExtraKV | None) -> None:
+        """Prepend `extra` keys/values to the attention of its layers in every following forward
+        (None: the plain path). A change of content drops the session cache."""
+        old = self.extra_kv
+        if (old is None) != (extra is None) or (old is not None and extra is not None and old.key != extra.key):
+            self.reset_session()
+        self.extra_kv = extra
+
+    def _memory_detached(self) -> None:
+        """Called by install_hook/remove_hook: nothing of the previous module may stay active."""
+        self.installed_hook = None
+        self.set_extra_kv(None)
+
+    def _before_generation(self, prompt_ids: Sequence[int]) -> None:
+        """Let the installed hook prepare the memory for this prompt (e.g. retrieve, then set_extra_kv)."""
+        prepare = getattr(self.installed_hook, "before_generation", None)
+        if prepare is not None:
+            prepare(prompt_ids)
 
     # --- built on the primitives ---------------------------------------------------
     def forward(self, ids: Sequence[int], cache: Any, phase: Phase, keep: Sequence[int] | None = None) -> Array:
@@ -226,6 +257,7 @@ class Backend(ABC):
         stop_ids = self.formatter.stop_ids
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
+        self._before_generation(prompt_ids)
         if strategy == "beam":
             self.reset_session()
             for i, tok in enumerate(self.beam_search(prompt_ids, decoding, stop_ids)):

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from lmm.backends.attention_memory import AttentionPlan, Captured, StopForward, mlx_layer_scope
 from lmm.backends.base import Backend, BackendError, HookFn, find_layers
 from lmm.chat_format import ChatFormatter
 from lmm.ops import Params
@@ -151,18 +152,22 @@ class MlxBackend(Backend):
 
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
             out = original.__call__(self, *args, **kwargs)
+            if backend._bypass_hook:
+                return out
             if isinstance(out, tuple):
                 return (hook(out[0], backend.hook_context), *out[1:])
             return hook(out, backend.hook_context)
 
         target.__class__ = type(f"Hooked{original.__name__}", (original,), {"__call__": __call__})
         self._hooked = (target, original)
+        self.installed_hook = hook
 
     def remove_hook(self) -> None:
         if self._hooked is not None:
             target, original = self._hooked
             target.__class__ = original
             self._hooked = None
+        self._memory_detached()
 
     # --- cache -------------------------------------------------------------------------
     def new_cache(self) -> list[Any]:
@@ -200,10 +205,37 @@ class MlxBackend(Backend):
         if not ids:
             raise BackendError("forward needs at least one token")
         self._keep = None if keep is None else mx.array(list(keep), dtype=mx.int32)
+        extra = self.extra_kv
         try:
-            logits = self.model(mx.array([list(ids)]), cache=cache)[0].astype(mx.float32)
+            if extra is None:
+                logits = self.model(mx.array([list(ids)]), cache=cache)[0].astype(mx.float32)
+            else:
+                plan = AttentionPlan(inject=extra.layers, visible_from=extra.visible_from)
+                with mlx_layer_scope(self.layers, plan):
+                    logits = self.model(mx.array([list(ids)]), cache=cache)[0].astype(mx.float32)
         finally:
             self._keep = None
         if not grad:
             mx.eval(logits)
         return logits
+
+    def capture(self, ids: Sequence[int], *, hidden_layer: int | None = None,
+                kv_layers: Sequence[int] = ()) -> Captured:
+        if not ids:
+            raise BackendError("capture needs at least one token")
+        plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layer=hidden_layer,
+                             stop_after_hidden=not kv_layers)
+        self._keep = mx.array([len(ids) - 1], dtype=mx.int32)
+        self._bypass_hook = True
+        try:
+            with mlx_layer_scope(self.layers, plan):
+                out = self.model(mx.array([list(ids)]), cache=self.new_cache())
+            del out  # only the captures are wanted; nothing after them is evaluated
+        except StopForward:
+            pass
+        finally:
+            self._bypass_hook = False
+            self._keep = None
+        captured = plan.captured
+        mx.eval(captured.hidden if captured.hidden is not None else mx.array(0), captured.kv)
+        return captured

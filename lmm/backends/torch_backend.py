@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmm.backends.attention_memory import AttentionPlan, Captured, StopForward, enable_torch_attention, plan_scope
 from lmm.backends.base import Backend, BackendError, DecodingConfig, HookFn, find_layers
 from lmm.chat_format import ChatFormatter
 from lmm.ops import Params
@@ -172,16 +173,20 @@ class TorchBackend(Backend):
         self.remove_hook()
 
         def on_output(_module: Any, _args: Any, output: Any) -> Any:
+            if self._bypass_hook:
+                return output
             if isinstance(output, tuple):
                 return (hook(output[0], self.hook_context), *output[1:])
             return hook(output, self.hook_context)
 
         self._hook_handle = self.layers[layer].register_forward_hook(on_output)
+        self.installed_hook = hook
 
     def remove_hook(self) -> None:
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
+        self._memory_detached()
 
     # --- cache -------------------------------------------------------------------------
     def new_cache(self) -> Any:
@@ -211,17 +216,54 @@ class TorchBackend(Backend):
         return self.cache_length(cache) == n
 
     # --- forward -------------------------------------------------------------------------
+    def _plan(self, offset: int | None) -> AttentionPlan | None:
+        extra = self.extra_kv
+        if extra is None:
+            return None
+        enable_torch_attention(self.model)
+        return AttentionPlan(inject=extra.layers, visible_from=extra.visible_from, offset=offset)
+
     def _forward(self, ids: Sequence[int], cache: Any, grad: bool, keep: Sequence[int] | None) -> torch.Tensor:
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         to_keep: Any = 0 if keep is None else torch.tensor(list(keep), dtype=torch.long, device=self.device)
-        with nullcontext() if grad else torch.no_grad():
+        with nullcontext() if grad else torch.no_grad(), plan_scope(self._plan(self.cache_length(cache))):
             out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=to_keep,
                              **{self._cache_kw: cache})
         return out.logits[0].float()
 
+    def capture(self, ids: Sequence[int], *, hidden_layer: int | None = None,
+                kv_layers: Sequence[int] = ()) -> Captured:
+        if not ids:
+            raise BackendError("capture needs at least one token")
+        if kv_layers:
+            enable_torch_attention(self.model)
+        plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layer=hidden_layer)
+        handle = None
+        if hidden_layer is not None:
+            def before_layer(_module: Any, args: Any, kwargs: Any) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                plan.captured.hidden = hidden[0].detach().clone()
+                if not kv_layers:
+                    raise StopForward
+
+            handle = self.layers[hidden_layer].register_forward_pre_hook(before_layer, with_kwargs=True)
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        self._bypass_hook = True
+        try:
+            with torch.no_grad(), plan_scope(plan):
+                self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                           **{self._cache_kw: self.new_cache()})
+        except StopForward:
+            pass
+        finally:
+            self._bypass_hook = False
+            if handle is not None:
+                handle.remove()
+        return plan.captured
+
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), plan_scope(self._plan(None)):  # offsets follow the growing cache
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=decoding.max_tokens, num_beams=decoding.num_beams, do_sample=False,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -103,6 +103,8 @@ class LearnBatch:
     hidden: Array
     loss: Callable[[Params], Array]  # mean CE on the targets with these parameters bound
     token_losses: list[float] = field(default_factory=list)  # CE of each target before the update
+    messages: Sequence[dict[str, str]] = ()  # the chat up to this message (system prompt included)
+    index: int = -1  # position of this message in `messages` (its text: messages[index]["content"])
 
 
 @dataclass
@@ -161,6 +163,14 @@ class MemoryModule(ABC):
     def learn(self, batch: LearnBatch) -> LearnResult:
         """Learn from one message. The default module has nothing to learn."""
         return LearnResult(steps=0, losses=[], grad_norms={})
+
+    def attach(self, backend: Any, layer: int) -> None:
+        """The engine installed this module on `backend` at `layer`. A module that runs passes of
+        its own (captures, extra keys/values) keeps the backend; the default does nothing."""
+
+    def before_generation(self, prompt_ids: Sequence[int]) -> None:
+        """Called by the backend before it generates a reply to `prompt_ids` (e.g. to retrieve
+        what this prompt needs). The default does nothing."""
 
     def reset_session(self) -> None:
         """Forget per-session (short-term) state; learned memory stays."""
