@@ -23,6 +23,13 @@ both when the first row is written: moving them later would re-key every written
 coordinate, so `steps` Adam steps of `lr` change the hidden state by at most ~steps * lr of
 its norm, on models of any width and norm. Both are saved with the table.
 
+Known limit: the first content token of a message is predicted from the chat template's
+scaffolding (e.g. the newline after `<|im_start|>user`), whose hidden state is the same in
+every chat with the same prefix. Its row is therefore read at that position in every later
+chat: on SmolLM2 it is what changes unrelated replies (2 of 10 probes after one taught
+message; 0 of 10 when such positions are not written). `LearnBatch` does not say which
+positions are the user's own text, so the module cannot skip them yet.
+
 It owns no token selection (shared, `lmm.memory.base`) and no model code. The optimizer
 moments are reset at every update: the rows trained change from one message to the next.
 """
@@ -45,7 +52,7 @@ CALIBRATION_TOKENS = 4096  # the running mean is ample by then; stop paying the 
 @dataclass
 class HashGradientConfig(GradientConfig):
     # 5 Adam steps of 0.03 move a correction by up to ~15% of the hidden norm. On SmolLM2-135M
-    # (torch, 8 generic user messages, 8 other unrelated probes) lr 0.01 / 0.03 / 0.1 gave selected-token
+    # (torch, 8 generic user messages, 5 unrelated probes) lr 0.01 / 0.03 / 0.1 gave selected-token
     # CE 8.0 -> 5.7 / 2.6 / 0.2 and changed 0 / 1 / 2 of 5 probe replies.
     lr: float = 3e-2
     steps: int = 5
