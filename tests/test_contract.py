@@ -379,15 +379,16 @@ def runs(pool: BackendPool, tmp_path_factory: pytest.TempPathFactory) -> Runs:
 @pytest.mark.parametrize("module", MODULES)
 def test_update_lowers_loss(runs: Runs, module: str, backend_name: str) -> None:
     run = runs.get(module, backend_name)
-    first = run.updates[0]
-    assert first is not None and first.skipped is None, f"no update ran: {first}"
-    assert first.selected_tokens, "the message must have selected tokens"
-    assert first.loss is not None and first.loss_after is not None
+    for text, update in zip(SESSION, run.updates, strict=True):  # a first message, and one with a chat before it
+        assert update is not None and update.skipped is None, f"{text!r}: no update ran: {update}"
+        assert update.selected_tokens, f"{text!r}: the message must have selected tokens"
+        assert update.loss is not None and update.loss_after is not None
+        if run.learns:
+            assert update.loss_after < update.loss, f"{text!r}: loss did not drop: {update.loss} -> {update.loss_after}"
+        else:
+            assert abs(update.loss_after - update.loss) < 1e-5, f"{text!r}: a module that does not learn changed it"
     if run.learns:
-        assert first.loss_after < first.loss, f"loss did not drop: {first.loss} -> {first.loss_after}"
         assert state_digest(run.state) != state_digest(run.fresh_state), "learning left the state unchanged"
-    else:
-        assert abs(first.loss_after - first.loss) < 1e-5, "a module that does not learn changed the loss"
 
 
 def test_loss_check_catches_a_module_that_does_not_learn(pool: BackendPool, tmp_path: Path) -> None:
