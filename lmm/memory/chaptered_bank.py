@@ -11,7 +11,8 @@ nearly alone. The output is `x + rms(x) * (read @ W_o) / sqrt(d_mem)`: the corre
 relative to the hidden state's scale and an Adam step changes it by about lr whatever the
 width, so one learning rate fits models of different sizes.
 
-Routing compares `mean(unit(x)) - center` with the router keys (cosine). `center` is the
+Routing compares `mean(unit(x)) - center` with the router keys (cosine), and the slot queries
+are `unit(x) - center` rescaled to unit RMS. `center` is the
 running mean of the unit hidden states of every position the chat has processed (a saved
 buffer): without it, messages of a real model share one dominant direction and all route
 to the same chapter (cosine ~0.9 between unrelated messages in SmolLM2's middle layer).
@@ -207,7 +208,9 @@ class ChapteredBank(GradientMemory):
             router = ops.take(self._unit_router(p["router"]), sel, axis=0)  # [B, T', k, d]
             score = ops.sum(ops.expand_dims(direction, 2) * router, axis=-1)
         bias = (ops.expand_dims(score * cfg.router_scale, -1) + ops.zeros((s,))).reshape(b, tp, 1, k * s)
-        q = xn @ self.buffers["w_in"] if "w_in" in self.buffers else xn
+        qc = u - self.buffers["center"]  # centred like the router, so keys match content, not the shared direction
+        qc = qc * (float(np.sqrt(d)) / (ops.norm(qc, axis=-1, keepdims=True) + EPS))
+        q = qc @ self.buffers["w_in"] if "w_in" in self.buffers else qc
         logits = (ops.expand_dims(q, 2) @ ops.swapaxes(keys, -1, -2)) / float(np.sqrt(self.dm)) + bias
         null = ops.zeros((b, t, 1, 1)) + cfg.null_logit
         attn = ops.softmax(ops.concat([logits, null], axis=-1), axis=-1)[..., : k * s]
