@@ -75,17 +75,18 @@ MODULE_OPTIONS: dict[str, dict[str, str]] = {}  # per-module additions, only whe
 # states and gradients differ by float rounding, and the optimizer steps act on them. Measured max
 # |torch - mlx| over each module's state after the 2-message SESSION (lr 1e-2, 3 steps):
 #   identity: no tensors; lora_on_user: 3.3e-6 (|B| ~ 6e-2); hash_gradient: 2.1e-6 (rows ~ 3e-2; keys,
-#   stamps and calibration count identical); recurrent_state: 3.3e-5 (w_q, |w_q| ~ 1);
-#   chaptered_bank: 7.7e-4, but on 1 element of 4096 (w_out) and 1.9e-4 on 2 of 4096 (keys); its
-#   99.9th percentile is 4e-5.
-# Those outliers are Adam's: its step divides a coordinate's gradient by that gradient's own running
-# magnitude, so a coordinate whose gradient is at float-noise level moves by a noise-dependent fraction
-# of lr on each backend. Hence two tiers: integer tensors (hash codes, counters) must be equal; in every
-# float tensor at least 99.9% of the elements agree within rtol 1e-3 / atol 1e-4 (>= 3x over the worst
-# bulk, >= 30x over all but chaptered_bank), and none differs by more than 5e-3 (lr / 2, 6.5x the worst
-# outlier). A real divergence (other selected tokens, another step count or lr, a wrong hash code)
-# moves every trained element by ~lr and fails the bulk tier.
-STATE_RTOL = 1e-3
+#   stamps and calibration count identical); recurrent_state: 3.3e-5 (w_q, |w_q| ~ 1); chaptered_bank:
+#   1.4e-5 (an earlier version: 7.7e-4 on 1 element of 4096, its 99.9th percentile 4e-5); trace_bank:
+#   2.0e-3 on captured attention keys of size ~7, i.e. 8.2e-4 relative (values 4.9e-4, 6.9e-4 relative).
+# Outliers like chaptered_bank's were Adam's: its step divides a coordinate's gradient by that gradient's
+# own running magnitude, so a coordinate whose gradient is at float-noise level moves by a
+# noise-dependent fraction of lr on each backend. Captured activations carry the model's own backend
+# difference, relative to their size. Hence: integer tensors (hash codes, counters, token ids) must be
+# equal; in every float tensor at least 99.9% of the elements agree within rtol 3e-3 / atol 1e-4 (3.7x
+# over trace_bank's relative difference, >= 3x over every trained tensor's bulk), and none differs by
+# more than 5e-3 (lr / 2). A real divergence (other selected tokens, another step count or lr, a wrong
+# hash code or capture) moves trained elements by ~lr and captured ones by O(1): it fails the bulk tier.
+STATE_RTOL = 3e-3
 STATE_ATOL = 1e-4
 STATE_BULK = 0.999
 STATE_MAX_ABS = 5e-3
