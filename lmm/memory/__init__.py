@@ -14,6 +14,7 @@ from lmm.memory.hash_gradient import HashGradientConfig, HashGradientMemory
 from lmm.memory.identity import IdentityConfig, IdentityMemory
 from lmm.memory.lora_on_user import LoraConfig, LoraOnUser
 from lmm.memory.recurrent_state import RecurrentState, RecurrentStateConfig
+from lmm.memory.trace_bank import TraceBank, TraceBankConfig
 from lmm.ops import Ops
 
 
@@ -67,3 +68,4 @@ register_memory("lora_on_user", LoraConfig, LoraOnUser)
 register_memory("hash_gradient", HashGradientConfig, HashGradientMemory)
 register_memory("chaptered_bank", ChapteredBankConfig, ChapteredBank)
 register_memory("recurrent_state", RecurrentStateConfig, RecurrentState)
+register_memory("trace_bank", TraceBankConfig, TraceBank)

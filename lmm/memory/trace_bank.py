@@ -1,0 +1,463 @@
+"""`trace_bank`: what the user said, kept as key/value traces that the upper layers attend to.
+
+Write (`learn`, after each user message): the message's statements (its sentences that are not
+questions, when at least one speaks in the first person: the write gate) are run once through
+the frozen model as the only user turn after the template's system prompt. The keys and values
+of all that turn's tokens at layers >= `start_layer` (default: the hooked layer), with RoPE
+applied at the positions they were computed at, become one trace, together with the hidden
+states entering `routing_layer` (default: a quarter of the depth) of its content tokens.
+
+Read (`before_generation`, called by the backend before each reply): the last user message of the
+prompt is encoded the same way up to `routing_layer`; each trace is scored by late interaction
+(every query token takes its best cosine over the trace's tokens, averaged over the query; states
+centred by the mean of built-in neutral sentences). The best trace, if its score reaches
+`threshold`, is handed to the backend as extra keys/values: the attention of layers >=
+`start_layer` reads them before its own, seen by every chat position after the system prompt.
+Positions are not shifted: the trace overlaps the first chat positions, relative distances as if
+the statement opened the chat. With nothing retrieved, the backend runs its plain path, so
+replies to unrelated prompts are bit-identical to the model without memory.
+
+Bounded: at most `max_traces` traces (the least recently retrieved, then oldest, is evicted); a
+statement whose states match a stored one both ways above `dedupe` replaces it; statements
+longer than `max_trace_tokens` are not stored. The state (traces, routing states, token ids,
+usage clocks, centring mean) is saved in `dtype` (float16 halves the file).
+
+Limits: one trace per reply (a fact spread over two messages needs both routed), retrieval is
+by similarity only (an unrelated prompt that resembles a stored statement reads it), and the
+traces assume the template's default system prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lmm.backends.attention_memory import ExtraKV
+from lmm.memory.base import (
+    LearnBatch,
+    LearnResult,
+    MemoryConfig,
+    MemoryModule,
+    RewriteContext,
+    StateError,
+)
+from lmm.ops import Array, Ops
+
+# Generic messages whose routing states give the centring mean (no memory content, no benchmark text).
+CALIBRATION = (
+    "Good morning!",
+    "Could you help me plan a weekend trip?",
+    "What time does the sun set in winter?",
+    "Tell me something interesting about ancient history.",
+    "How does the internet actually work?",
+    "Please summarise the main idea in two sentences.",
+    "I am a bit busy this week.",
+    "The weather has been lovely lately.",
+    "Can you write a short poem about trees?",
+    "What is the best way to learn a new language?",
+    "I usually go for a walk after lunch.",
+    "Why do cats purr?",
+    "My friend recommended a film to me yesterday.",
+    "Thanks, that was really helpful.",
+    "Explain how bicycle gears work.",
+    "We spent the afternoon at the market.",
+    "Is it better to study in the morning or at night?",
+    "List three healthy snacks.",
+    "Our train was late again today.",
+    "Translate 'good night' into German.",
+)
+
+_QUESTION_END = re.compile(r"\?[\"'\u201d\u2019)\]]*$")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+_FIRST_PERSON = re.compile(
+    r"(?<![\w'])(i|i'm|i've|i'd|i'll|im|my|mine|myself|we|we're|we've|we'd|we'll|our|ours|ourselves)(?![\w'])",
+    re.IGNORECASE,
+)
+_MARK = "\u2063TRACE\u2063"
+
+
+def statements(text: str) -> str:
+    """The write gate: `text` without its questions, or "" when nothing left speaks in the first person."""
+    text = text.replace("\u2019", "'").strip()
+    kept = [s for s in _SENTENCE_SPLIT.split(text) if s.strip() and "?" not in s and not _QUESTION_END.search(s)]
+    if not kept or not any(_FIRST_PERSON.search(s) for s in kept):
+        return ""
+    return " ".join(s.strip() for s in kept)
+
+
+@dataclass
+class TraceBankConfig(MemoryConfig):
+    threshold: float = 0.55  # routing score (mean best cosine) a trace needs to be read
+    start_layer: int = -1  # first layer whose attention reads traces; -1: the hooked layer
+    routing_layer: int = -1  # layer whose input states route; -1: num_layers // 4
+    max_traces: int = 256
+    max_trace_tokens: int = 96  # longer statements are not stored
+    dedupe: float = 0.9  # a new statement matching a stored one both ways at >= this replaces it
+    write_gate: bool = True  # store only first-person statements (questions removed)
+    dtype: str = "float16"  # storage of keys, values and routing states: float16 or float32
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be a cosine in [-1, 1], got {self.threshold}")
+        if self.start_layer < -1:
+            raise ValueError(f"start_layer must be >= 0 (or -1 for the hooked layer), got {self.start_layer}")
+        if self.routing_layer < -1:
+            raise ValueError(f"routing_layer must be >= 0 (or -1 for a quarter depth), got {self.routing_layer}")
+        if self.max_traces < 1:
+            raise ValueError(f"max_traces must be >= 1, got {self.max_traces}")
+        if self.max_trace_tokens < 4:
+            raise ValueError(f"max_trace_tokens must be >= 4, got {self.max_trace_tokens}")
+        if not 0.0 <= self.dedupe <= 1.0:
+            raise ValueError(f"dedupe must be in [0, 1], got {self.dedupe}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+
+
+@dataclass
+class Trace:
+    token_ids: np.ndarray  # int32 [L]: the user turn, template scaffolding included
+    keys: np.ndarray  # [S, n_kv_heads, L, head_dim] for the layers start_layer..num_layers-1
+    values: np.ndarray  # same shape
+    route: np.ndarray  # [R, d] routing states of the content tokens
+    start: int  # position of the first trace token (= the system prompt's length)
+    written: int  # clock at writing
+    used: int  # clock at the last retrieval (written, until retrieved)
+    uid: int = 0  # in-process identity (caches), not saved
+
+
+def _late_interaction(query: np.ndarray, keys: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per segment of `keys` (rows from each `starts[i]`): the mean over query rows of the best cosine."""
+    sims = query @ keys.T  # [m, N]
+    return np.maximum.reduceat(sims, starts, axis=1).mean(axis=0)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+class TraceBank(MemoryModule):
+    name = "trace_bank"
+    config_cls = TraceBankConfig
+
+    def __init__(self, config: MemoryConfig, *, hidden_size: int, ops: Ops, seed: int) -> None:
+        super().__init__(config, hidden_size=hidden_size, ops=ops, seed=seed)
+        self.cfg: TraceBankConfig = config  # type: ignore[assignment]
+        self.backend: Any = None
+        self.layer: int | None = None
+        self.traces: list[Trace] = []
+        self.center: np.ndarray | None = None  # float32 [d]
+        self.clock = 0
+        self._uids = 0
+        self._index: tuple[np.ndarray, np.ndarray] | None = None  # normalised routing states, segment starts
+        self._extras: OrderedDict[int, ExtraKV] = OrderedDict()
+        self._queries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._markers: tuple[str, str] | None = None
+        self.last_route: dict[str, Any] | None = None
+        self.last_write: str = ""
+
+    # --- layout -------------------------------------------------------------------------------
+    def attach(self, backend: Any, layer: int) -> None:
+        self.backend, self.layer = backend, layer
+        n = backend.num_layers
+        if not 0 <= self.start < n:
+            raise ValueError(f"trace_bank start_layer {self.start} is out of range for {n} layers")
+        if not 0 <= self.routing < n:
+            raise ValueError(f"trace_bank routing_layer {self.routing} is out of range for {n} layers")
+        self._extras.clear()
+        self._queries.clear()
+        self._markers = None
+        if self.traces and self.traces[0].keys.shape[0] != n - self.start:
+            raise StateError(f"trace_bank state holds {self.traces[0].keys.shape[0]} layers of keys, "
+                             f"this model reads {n - self.start}")
+
+    @property
+    def start(self) -> int:
+        if self.cfg.start_layer >= 0:
+            return self.cfg.start_layer
+        if self.layer is None:
+            raise RuntimeError("trace_bank is not attached to a backend")
+        return self.layer
+
+    @property
+    def routing(self) -> int:
+        return self.cfg.routing_layer if self.cfg.routing_layer >= 0 else self.backend.num_layers // 4
+
+    @property
+    def kv_layers(self) -> list[int]:
+        return list(range(self.start, self.backend.num_layers))
+
+    # --- the forward pass is untouched at the hooked layer ---------------------------------------
+    def rewrite(self, hidden: Array, ctx: RewriteContext) -> Array:
+        return hidden
+
+    # --- encoding ----------------------------------------------------------------------------------
+    def _turn(self, text: str) -> tuple[list[int], int, list[int]]:
+        """Token ids of [system prompt + user turn(text)], the turn's first position, its content positions."""
+        turn = self.backend.formatter.user_turn([{"role": "user", "content": text}], 0)
+        ids = turn.prefix_ids + turn.turn_ids
+        n = len(turn.prefix_ids)
+        content = [n + i for i, inside in enumerate(turn.content_mask) if inside]
+        if n == 0:  # a template that inserts its own system prompt renders it inside the first turn
+            system = self._system_ids()
+            if system and ids[: len(system)] == system and len(system) <= (content[0] if content else 0):
+                n = len(system)
+        return ids, n, content
+
+    def _system_ids(self) -> list[int]:
+        """Tokens a template puts before the first user turn on its own (its default system prompt)."""
+        fmt = self.backend.formatter
+        opening, _ = self._turn_markers()
+        rendered = fmt.render([{"role": "user", "content": _MARK}], add_generation_prompt=False)
+        at = rendered.rfind(opening) if opening else -1
+        return fmt.encode(rendered[:at]) if at > 0 else []
+
+    def _turn_markers(self) -> tuple[str, str]:
+        """The text a template puts before and after a user message (found by rendering a marker)."""
+        if self._markers is None:
+            fmt = self.backend.formatter
+            head = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+            before = fmt.render(head, add_generation_prompt=False)
+            after = fmt.render([*head, {"role": "user", "content": _MARK}], add_generation_prompt=False)
+            turn = after[len(before):] if after.startswith(before) else after
+            opening, _, closing = turn.partition(_MARK)
+            self._markers = (opening, closing.strip())
+        return self._markers
+
+    def _route_states(self, hidden: Array, content: list[int]) -> np.ndarray:
+        states = self.ops.to_numpy(hidden).astype(np.float32)
+        return states[content] if content else states[-1:]
+
+    def _ensure_center(self) -> np.ndarray:
+        if self.center is None:
+            rows = []
+            for text in CALIBRATION:
+                ids, _, content = self._turn(text)
+                rows.append(self._route_states(self.backend.capture(ids, hidden_layer=self.routing).hidden, content))
+            self.center = np.concatenate(rows).mean(axis=0).astype(np.float32)
+        return self.center
+
+    def _query_states(self, text: str) -> np.ndarray:
+        cached = self._queries.get(text)
+        if cached is None:
+            ids, _, content = self._turn(text)
+            states = self._route_states(self.backend.capture(ids, hidden_layer=self.routing).hidden, content)
+            cached = _normalize(states - self._ensure_center())
+            self._queries[text] = cached
+            while len(self._queries) > 32:
+                self._queries.popitem(last=False)
+        else:
+            self._queries.move_to_end(text)
+        return cached
+
+    def _routing_index(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._index is None:
+            center = self._ensure_center()
+            states = np.concatenate([t.route.astype(np.float32) for t in self.traces])
+            starts = np.cumsum([0] + [len(t.route) for t in self.traces[:-1]])
+            self._index = (_normalize(states - center), starts)
+        return self._index
+
+    def scores(self, text: str) -> np.ndarray:
+        """Routing score of every stored trace for a user message `text`."""
+        if not self.traces:
+            return np.zeros(0, dtype=np.float32)
+        states, starts = self._routing_index()
+        return _late_interaction(self._query_states(text), states, starts)
+
+    # --- write ---------------------------------------------------------------------------------------
+    def learn(self, batch: LearnBatch) -> LearnResult:
+        self.update_count += 1
+        if self.backend is None:
+            raise RuntimeError("trace_bank learns through its backend: attach it first (ChatEngine does)")
+        text = batch.messages[batch.index]["content"] if batch.messages else ""
+        stored = statements(text) if self.cfg.write_gate else text.strip()
+        if not stored:
+            self.last_write = "not stored (no first-person statement)"
+            return LearnResult(steps=0, losses=[], grad_norms={})
+        ids, start, content = self._turn(stored)
+        if len(ids) - start > self.cfg.max_trace_tokens:
+            self.last_write = f"not stored (longer than {self.cfg.max_trace_tokens} tokens)"
+            return LearnResult(steps=0, losses=[], grad_norms={})
+        self._ensure_center()
+        cap = self.backend.capture(ids, hidden_layer=self.routing, kv_layers=self.kv_layers)
+        dtype = np.dtype(self.cfg.dtype)
+        keys = np.stack([self.ops.to_numpy(cap.kv[i][0])[0, :, start:] for i in self.kv_layers]).astype(dtype)
+        values = np.stack([self.ops.to_numpy(cap.kv[i][1])[0, :, start:] for i in self.kv_layers]).astype(dtype)
+        trace = Trace(token_ids=np.asarray(ids[start:], dtype=np.int32), keys=keys, values=values,
+                      route=self._route_states(cap.hidden, content).astype(dtype), start=start,
+                      written=self.clock, used=self.clock)
+        self.clock += 1
+        replaced = self._duplicate_of(trace)
+        if replaced is not None:
+            del self.traces[replaced]
+        self._add(trace)
+        self.last_write = f"{'replaced a trace with' if replaced is not None else 'stored'}: {stored}"
+        # The memory now reads this statement back when it is asked about it: route on it, so
+        # the learner's loss after the update is the loss with the new trace read.
+        self._select(stored)
+        return LearnResult(steps=0, losses=[], grad_norms={})
+
+    def _duplicate_of(self, trace: Trace) -> int | None:
+        if not self.traces:
+            return None
+        center = self._ensure_center()
+        new = _normalize(trace.route.astype(np.float32) - center)
+        states, starts = self._routing_index()
+        forward = _late_interaction(new, states, starts)
+        best = int(np.argmax(forward))
+        old = states[starts[best]: starts[best] + len(self.traces[best].route)]
+        backward = float(_late_interaction(old, new, np.zeros(1, dtype=np.int64))[0])
+        return best if min(float(forward[best]), backward) >= self.cfg.dedupe else None
+
+    def _add(self, trace: Trace) -> None:
+        self._uids += 1
+        trace.uid = self._uids
+        self.traces.append(trace)
+        while len(self.traces) > self.cfg.max_traces:
+            victim = min(range(len(self.traces)), key=lambda i: (self.traces[i].used, self.traces[i].written))
+            del self.traces[victim]
+        self._index = None
+
+    # --- read ------------------------------------------------------------------------------------------
+    def before_generation(self, prompt_ids: Sequence[int]) -> None:
+        if self.backend is None:
+            return
+        if not self.traces:
+            self.backend.set_extra_kv(None)
+            return
+        text = self._last_user_text(prompt_ids)
+        self._select(text, count_use=True)
+
+    def _select(self, text: str | None, count_use: bool = False) -> None:
+        best, score = None, None
+        if text and self.traces:
+            scores = self.scores(text)
+            i = int(np.argmax(scores))
+            score = float(scores[i])
+            if score >= self.cfg.threshold:
+                best = i
+        self.last_route = {"query": text, "score": score, "retrieved": best is not None,
+                           "trace": self._text(self.traces[best]) if best is not None else None}
+        if best is None:
+            self.backend.set_extra_kv(None)
+            return
+        trace = self.traces[best]
+        if count_use:
+            trace.used = self.clock
+            self.clock += 1
+        self.backend.set_extra_kv(self._extra(trace))
+
+    def _extra(self, trace: Trace) -> ExtraKV:
+        extra = self._extras.get(trace.uid)
+        if extra is None:
+            layers = {layer: (self.ops.asarray(trace.keys[s][None], dtype="float32"),
+                              self.ops.asarray(trace.values[s][None], dtype="float32"))
+                      for s, layer in enumerate(self.kv_layers)}
+            extra = ExtraKV(key=(id(self), trace.uid), layers=layers, visible_from=trace.start)
+            self._extras[trace.uid] = extra
+            while len(self._extras) > 8:
+                self._extras.popitem(last=False)
+        else:
+            self._extras.move_to_end(trace.uid)
+        return extra
+
+    def _last_user_text(self, prompt_ids: Sequence[int]) -> str | None:
+        """The content of the prompt's last user turn, found with the chat template's own markers."""
+        opening, closing = self._turn_markers()
+        text = self.backend.formatter.decode(list(prompt_ids), skip_special_tokens=False)
+        at = text.rfind(opening) if opening else -1
+        if at < 0:
+            return None
+        body = text[at + len(opening):]
+        end = body.find(closing) if closing else -1
+        return (body[:end] if end >= 0 else body).strip() or None
+
+    def reset_session(self) -> None:
+        if self.backend is not None:
+            self.backend.set_extra_kv(None)
+
+    # --- reporting ---------------------------------------------------------------------------------------
+    def _text(self, trace: Trace) -> str:
+        if self.backend is None:
+            return f"<{len(trace.token_ids)} tokens>"
+        return self.backend.formatter.decode(trace.token_ids.tolist()).strip()
+
+    def summary(self) -> dict[str, Any]:
+        n_bytes = sum(t.keys.nbytes + t.values.nbytes + t.route.nbytes + t.token_ids.nbytes for t in self.traces)
+        return {
+            "traces": len(self.traces), "max_traces": self.cfg.max_traces,
+            "trace_tokens": int(sum(len(t.token_ids) for t in self.traces)), "bytes": int(n_bytes),
+            "threshold": self.cfg.threshold, "last_route": self.last_route, "last_write": self.last_write,
+            "recent": [self._text(t) for t in sorted(self.traces, key=lambda t: -t.used)[:5]],
+        }
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"buffer.clock": np.asarray([self.clock], dtype=np.int64)}
+        if self.center is not None:
+            out["buffer.center"] = self.center.astype(np.float32)
+        if self.traces:
+            t = self.traces
+            out.update({
+                "buffer.keys": np.concatenate([x.keys for x in t], axis=2),
+                "buffer.values": np.concatenate([x.values for x in t], axis=2),
+                "buffer.route": np.concatenate([x.route for x in t]),
+                "buffer.token_ids": np.concatenate([x.token_ids for x in t]),
+                "buffer.trace_tokens": np.asarray([len(x.token_ids) for x in t], dtype=np.int32),
+                "buffer.route_tokens": np.asarray([len(x.route) for x in t], dtype=np.int32),
+                "buffer.starts": np.asarray([x.start for x in t], dtype=np.int32),
+                "buffer.written": np.asarray([x.written for x in t], dtype=np.int64),
+                "buffer.used": np.asarray([x.used for x in t], dtype=np.int64),
+            })
+        return out
+
+    _TRACE_KEYS = ("keys", "values", "route", "token_ids", "trace_tokens", "route_tokens", "starts", "written", "used")
+
+    def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        known = {"buffer.clock", "buffer.center", *(f"buffer.{k}" for k in self._TRACE_KEYS)}
+        unknown = sorted(set(tensors) - known)
+        if unknown:
+            raise StateError(f"unexpected tensor(s) {', '.join(unknown)} in state for module {self.name}")
+        if "buffer.clock" not in tensors:
+            raise StateError(f"state is missing tensor buffer.clock for module {self.name}")
+        present = [k for k in self._TRACE_KEYS if f"buffer.{k}" in tensors]
+        if present and len(present) != len(self._TRACE_KEYS):
+            missing = sorted(set(self._TRACE_KEYS) - set(present))
+            raise StateError(f"state is missing tensor(s) {', '.join('buffer.' + k for k in missing)} "
+                             f"for module {self.name}")
+        center = tensors.get("buffer.center")
+        if center is not None and center.shape != (self.hidden_size,):
+            raise StateError(f"tensor buffer.center has shape {center.shape}, module {self.name} expects "
+                             f"({self.hidden_size},)")
+        traces: list[Trace] = []
+        if present:
+            g = {k: tensors[f"buffer.{k}"] for k in self._TRACE_KEYS}
+            lens, rlens, n = g["trace_tokens"], g["route_tokens"], len(g["trace_tokens"])
+            ok = (g["keys"].ndim == 4 and g["keys"].shape == g["values"].shape
+                  and g["keys"].shape[2] == int(lens.sum()) == len(g["token_ids"])
+                  and g["route"].ndim == 2 and g["route"].shape == (int(rlens.sum()), self.hidden_size)
+                  and all(len(g[k]) == n for k in ("route_tokens", "starts", "written", "used"))
+                  and (lens > 0).all() and (rlens > 0).all() and center is not None)
+            if not ok:
+                raise StateError(f"inconsistent trace tensors in state for module {self.name}")
+            edges, redges = np.cumsum(lens)[:-1], np.cumsum(rlens)[:-1]
+            parts = zip(np.split(g["keys"], edges, axis=2), np.split(g["values"], edges, axis=2),
+                        np.split(g["route"], redges), np.split(g["token_ids"], edges), strict=True)
+            for i, (k, v, r, ids) in enumerate(parts):
+                traces.append(Trace(token_ids=ids, keys=k, values=v, route=r, start=int(g["starts"][i]),
+                                    written=int(g["written"][i]), used=int(g["used"][i])))
+        self.traces = []
+        for trace in traces:
+            self._uids += 1
+            trace.uid = self._uids
+            self.traces.append(trace)
+        self.center = None if center is None else np.asarray(center, dtype=np.float32)
+        self.clock = int(tensors["buffer.clock"][0])
+        self._index = None
+        self._extras.clear()
+        self._queries.clear()
