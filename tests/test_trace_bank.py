@@ -1,0 +1,370 @@
+"""trace_bank and the backends' attention memory on the tiny random models, both backends.
+
+Mechanism: extra keys/values are seen only from `visible_from` on, chunked prefill equals one
+pass with them (mask alignment in both backends, every family), and with traces read by every
+layer the logits equal the model with the statement in context at the same positions (torch,
+explicit positions and mask). Module: fresh is the identity, a prompt that routes nowhere is
+bit-identical to the plain model (also right after one that routed), save/load reproduces
+replies, the write gate, dedupe and the LRU bound, and torch/mlx_lm agreement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lmm.backends import DecodingConfig, load_backend
+from lmm.backends.attention_memory import ExtraKV
+from lmm.engine import ChatEngine, EngineConfig
+from lmm.memory.base import LearnBatch
+from lmm.memory.trace_bank import TraceBank, TraceBankConfig, statements
+from lmm.testing import FAMILIES
+
+try:
+    import mlx.core  # noqa: F401
+    import mlx_lm  # noqa: F401
+
+    MLX_ERROR = ""
+except ImportError as exc:  # pragma: no cover - depends on the platform
+    MLX_ERROR = f"mlx_lm backend unavailable: {exc}"
+
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("mlx_lm", id="mlx_lm", marks=pytest.mark.skipif(bool(MLX_ERROR), reason=MLX_ERROR or "-")),
+]
+FACT = "My name is Alice and I live in Paris."
+OTHER = "I have a cat called Pepper."
+UNRELATED = "Hello! How are you today?"
+MAX_TOKENS = 8
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def backend(name: str, models: dict[str, Path], family: str = "llama") -> Any:
+    key = (name, family)
+    if key not in _LOADED:
+        _LOADED[key] = load_backend(name, models[family], f"tiny-{family}", device="cpu")
+    be = _LOADED[key]
+    be.remove_hook()
+    be.reset_session()
+    return be
+
+
+def engine(be: Any, **options: Any) -> ChatEngine:
+    options = {"dtype": "float32", **options}
+    cfg = EngineConfig(memory="trace_bank", memory_options={k: str(v) for k, v in options.items()},
+                       activation_log_path=None, background_updates=False,
+                       decoding=DecodingConfig(max_tokens=MAX_TOKENS))
+    return ChatEngine(cfg, backend=be)
+
+
+def bank(eng: ChatEngine) -> TraceBank:
+    assert isinstance(eng.module, TraceBank)
+    return eng.module
+
+
+def teach(eng: ChatEngine, text: str) -> None:
+    """Write `text` the way the learner does, without generating a reply."""
+    bank(eng).learn(LearnBatch(input_ids=[], positions=[], target_ids=[], hidden=None, loss=lambda p: None,
+                               messages=[{"role": "user", "content": text}], index=0))
+    eng.backend.reset_session()
+
+
+def reply(eng: ChatEngine, text: str) -> list[int]:
+    """Greedy reply tokens through the backend (the engine's path, every token id kept)."""
+    eng.reset_chat()
+    ids = eng.backend.formatter.generation_ids([{"role": "user", "content": text}])
+    return list(eng.backend.generate(ids, eng.config.decoding))
+
+
+def plain_reply(be: Any, text: str) -> list[int]:
+    ids = be.formatter.generation_ids([{"role": "user", "content": text}])
+    be.reset_session()
+    out = list(be.generate(ids, DecodingConfig(max_tokens=MAX_TOKENS)))
+    be.reset_session()
+    return out
+
+
+def prompt_logits(be: Any, text: str) -> np.ndarray:
+    ids = be.formatter.generation_ids([{"role": "user", "content": text}])
+    be._before_generation(ids)  # route as generate() would
+    return be.ops.to_numpy(be.forward(ids, be.new_cache(), "generate"))
+
+
+def digest(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + tensors[name].dtype.str.encode() + np.ascontiguousarray(tensors[name]).tobytes())
+    return h.hexdigest()
+
+
+def random_extra(be: Any, layers: list[int], n: int, visible_from: int, seed: int = 0) -> ExtraKV:
+    cap = be.capture([1, 2, 3], kv_layers=layers)
+    kv_heads, head_dim = cap.kv[layers[0]][0].shape[1], cap.kv[layers[0]][0].shape[3]
+    rng = np.random.default_rng(seed)
+    arrays = {i: tuple(be.ops.asarray(rng.normal(0, 1, (1, kv_heads, n, head_dim)).astype(np.float32))
+                       for _ in range(2)) for i in layers}
+    return ExtraKV(key=("test", seed, n), layers=arrays, visible_from=visible_from)
+
+
+# --- the write gate and the config -------------------------------------------------------------------
+
+def test_write_gate_keeps_first_person_statements_without_questions() -> None:
+    assert statements("My dog is called Rex.") == "My dog is called Rex."
+    assert statements("We moved to Oslo last year.") == "We moved to Oslo last year."
+    assert statements("What is my name?") == ""
+    assert statements("Why is the sky blue?") == ""
+    assert statements("Explain tides in one sentence.") == ""
+    assert statements("I have a cat called Pepper. What is my name?") == "I have a cat called Pepper."
+    assert statements("Hi! I\u2019m Bob, nice to meet you.") == "Hi! I'm Bob, nice to meet you."
+    assert statements("Is it true? I doubt it.") == "I doubt it."
+
+
+@pytest.mark.parametrize("field, value", [
+    ("threshold", 1.5), ("threshold", float("nan")), ("start_layer", -2), ("routing_layer", -2), ("max_traces", 0),
+    ("max_trace_tokens", 3), ("dedupe", 1.5), ("dtype", "int8"),
+])
+def test_config_rejects_bad_values(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field):
+        TraceBankConfig(**{field: value})
+
+
+# --- the attention-memory mechanism -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extra_kv_visibility_and_chunked_prefill(name: str, family: str, tiny_models: dict[str, Path]) -> None:
+    """Positions before `visible_from` are untouched; later ones change; one pass == chunks == decode steps."""
+    be = backend(name, tiny_models, family)
+    story = "Tell me a story about the small robot by the sea."
+    ids = be.formatter.generation_ids([{"role": "user", "content": story}])
+    n_layers = be.num_layers
+    visible_from = 5
+    plain = be.ops.to_numpy(be.forward(ids, be.new_cache(), "generate"))
+    be.set_extra_kv(random_extra(be, list(range(n_layers // 2, n_layers)), n=7, visible_from=visible_from))
+    try:
+        one = be.ops.to_numpy(be.forward(ids, be.new_cache(), "generate"))
+        cache = be.new_cache()
+        parts = [be.forward(ids[:3], cache, "generate"), be.forward(ids[3:11], cache, "generate")]
+        parts += [be.forward([t], cache, "generate") for t in ids[11:]]
+        chunked = np.concatenate([be.ops.to_numpy(p) for p in parts])
+    finally:
+        be.set_extra_kv(None)
+    np.testing.assert_array_equal(one[:visible_from], plain[:visible_from])
+    assert np.abs(one[visible_from:] - plain[visible_from:]).max() > 1e-3
+    np.testing.assert_allclose(chunked, one, rtol=1e-4, atol=1e-4)
+    again = be.ops.to_numpy(be.forward(ids, be.new_cache(), "generate"))
+    np.testing.assert_array_equal(again, plain)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # gemma3's sliding window needs a second mask
+def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, tiny_models: dict[str, Path]) -> None:
+    """start_layer=0: the prompt's logits equal one forward of [system, statement turn, prompt turn] whose
+    prompt positions restart right after the system prompt and whose prompt tokens see the whole statement
+    (the trace's semantics: unshifted positions, every chat token after the system prompt reads it)."""
+    import torch
+
+    be = backend("torch", tiny_models, family)
+    eng = engine(be, start_layer=0, threshold=0.99)
+    try:
+        teach(eng, FACT)
+        trace = bank(eng).traces[0]
+        ids = be.formatter.generation_ids([{"role": "user", "content": FACT}])  # routes to its own trace
+        with_trace = prompt_logits(be, FACT)
+        assert bank(eng).last_route is not None and bank(eng).last_route["retrieved"]
+        n_sys, m = trace.start, len(trace.token_ids)
+        assert ids[:n_sys] == bank(eng)._system_ids()
+        seq = ids[:n_sys] + trace.token_ids.tolist() + ids[n_sys:]
+        positions = list(range(n_sys + m)) + list(range(n_sys, len(ids)))
+        t = len(seq)
+        allowed = np.tril(np.ones((t, t), dtype=bool))
+        q0 = n_sys + m
+        allowed[q0:, n_sys:q0] = True  # prompt tokens see all of the statement
+        model = be.model
+        mask = torch.where(torch.from_numpy(allowed), 0.0, torch.finfo(torch.float32).min)[None, None]
+        be.set_extra_kv(None)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([seq]), position_ids=torch.tensor([positions]),
+                        attention_mask=mask.to(model.dtype)).logits[0].float().numpy()
+        expected = np.concatenate([out[:n_sys], out[q0:]])
+        np.testing.assert_allclose(with_trace, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        eng.close()
+
+
+# --- the module -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_module_is_exactly_the_identity(name: str, family: str, tiny_models: dict[str, Path]) -> None:
+    be = backend(name, tiny_models, family)
+    plain = prompt_logits(be, FACT)
+    plain_tokens = plain_reply(be, FACT)
+    eng = engine(be)
+    try:
+        np.testing.assert_array_equal(prompt_logits(be, FACT), plain)
+        assert reply(eng, FACT) == plain_tokens
+        assert be.extra_kv is None
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_unrouted_prompt_is_bit_identical_even_after_a_routed_one(name: str, tiny_models: dict[str, Path]) -> None:
+    be = backend(name, tiny_models)
+    plain_logits = prompt_logits(be, UNRELATED)
+    plain_tokens = plain_reply(be, UNRELATED)
+    routed_plain = plain_reply(be, FACT)
+    eng = engine(be, threshold=0.99)
+    try:
+        teach(eng, FACT)
+        routed = reply(eng, FACT)
+        assert bank(eng).last_route["retrieved"] and be.extra_kv is not None
+        assert routed != routed_plain, "the trace should change the reply of the tiny model"
+        # a chat turn that routes nowhere right after: the session cache must not carry the trace
+        assert reply(eng, UNRELATED) == plain_tokens
+        assert not bank(eng).last_route["retrieved"] and be.extra_kv is None
+        np.testing.assert_array_equal(prompt_logits(be, UNRELATED), plain_logits)
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_multi_turn_chat_matches_a_fresh_prefill(name: str, tiny_models: dict[str, Path]) -> None:
+    """Turn 2 reuses the session cache when the retrieval did not change, and drops it when it did."""
+    be = backend(name, tiny_models)
+    eng = engine(be, threshold=0.99)
+    try:
+        teach(eng, FACT)
+        eng.learning = False
+        eng.reset_chat()
+        for text in (FACT, FACT, UNRELATED, FACT):
+            eng.ask(text)
+            history = eng.chat_messages()
+            last = eng.last_turn.assistant
+            # the same prompt from scratch with the same retrieval
+            fresh = engine(be, threshold=0.99)
+            fresh.module.load_state_tensors(eng.module.state_tensors())
+            fresh.messages = [dict(m) for m in history[:-2]]
+            fresh.learning = False
+            assert fresh.ask(text).assistant == last
+            fresh.close()
+            be.install_hook(eng.layer, eng.hook)  # give the chat its own module back
+            eng.module.attach(be, eng.layer)
+            be.reset_session()
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_save_load_in_a_new_engine_reproduces_replies(name: str, tiny_models: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    be = backend(name, tiny_models)
+    eng = engine(be, dtype="float16")
+    try:
+        for text in (FACT, "Why is the sky blue?", OTHER):
+            eng.ask(text)
+        assert len(bank(eng).traces) == 2
+        state = eng.module.state_tensors()
+        assert state["buffer.keys"].dtype == np.float16 and state["buffer.route"].dtype == np.float16
+        path = eng.save_memory(tmp_path / "tb.safetensors")
+        eng.learning = False
+        expected = [reply(eng, q) for q in ("What is my name?", "What is my cat called?", UNRELATED)]
+    finally:
+        eng.close()
+    other = engine(be, dtype="float16")
+    try:
+        other.load_memory(path)
+        assert digest(other.module.state_tensors()) == digest(state)
+        other.learning = False
+        assert [reply(other, q) for q in ("What is my name?", "What is my cat called?", UNRELATED)] == expected
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_questions_are_not_stored_and_the_gate_can_be_turned_off(name: str, tiny_models: dict[str, Path]) -> None:
+    be = backend(name, tiny_models)
+    eng = engine(be)
+    try:
+        for text in ("What is the capital of France?", "Explain tides.", f"{OTHER} What is my name?"):
+            teach(eng, text)
+        assert len(bank(eng).traces) == 1
+        assert OTHER in bank(eng)._text(bank(eng).traces[0]) and "?" not in bank(eng)._text(bank(eng).traces[0])
+    finally:
+        eng.close()
+    eng = engine(be, write_gate=False)
+    try:
+        teach(eng, "What is the capital of France?")
+        assert len(bank(eng).traces) == 1
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_eviction_bounds_the_count_and_keeps_recently_retrieved_traces(name: str,
+                                                                      tiny_models: dict[str, Path]) -> None:
+    be = backend(name, tiny_models)
+    eng = engine(be, max_traces=2, threshold=0.99)
+    try:
+        teach(eng, FACT)
+        teach(eng, OTHER)
+        reply(eng, FACT)  # retrieves FACT's trace: it is now the most recently used
+        teach(eng, "I work as a baker in Lyon.")
+        texts = [bank(eng)._text(t) for t in bank(eng).traces]
+        assert len(texts) == 2
+        assert any(FACT in t for t in texts) and not any(OTHER in t for t in texts)
+        for i in range(5):
+            teach(eng, f"My locker number is {100 + 37 * i} and I use it on Mondays.")
+            assert len(bank(eng).traces) <= 2
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_repeated_statement_replaces_its_trace(name: str, tiny_models: dict[str, Path]) -> None:
+    be = backend(name, tiny_models)
+    eng = engine(be)
+    try:
+        teach(eng, FACT)
+        teach(eng, OTHER)
+        teach(eng, FACT)
+        assert len(bank(eng).traces) == 2
+        assert FACT in bank(eng)._text(bank(eng).traces[-1])  # the newest copy is kept
+    finally:
+        eng.close()
+
+
+@pytest.mark.skipif(bool(MLX_ERROR), reason=MLX_ERROR or "-")
+def test_torch_and_mlx_agree(tiny_models: dict[str, Path]) -> None:
+    results = {}
+    for name in ("torch", "mlx_lm"):
+        be = backend(name, tiny_models)
+        eng = engine(be, threshold=0.99)
+        try:
+            replies = [eng.ask(t).assistant for t in (FACT, "Why is the sky blue?", OTHER)]
+            state = eng.module.state_tensors()
+            routed = prompt_logits(be, FACT)
+            assert bank(eng).last_route["retrieved"]
+            results[name] = (replies, state, routed)
+        finally:
+            eng.close()
+    (r_t, s_t, l_t), (r_m, s_m, l_m) = results["torch"], results["mlx_lm"]
+    assert r_t == r_m
+    assert sorted(s_t) == sorted(s_m)
+    for key in s_t:
+        assert s_t[key].dtype == s_m[key].dtype and s_t[key].shape == s_m[key].shape, key
+        np.testing.assert_allclose(s_t[key], s_m[key], rtol=1e-4, atol=1e-4, err_msg=key)
+    np.testing.assert_allclose(l_t, l_m, rtol=1e-3, atol=1e-3)
+
+
+def test_learning_needs_a_backend() -> None:
+    from lmm.memory import create_memory
+
+    module = create_memory("trace_bank", hidden_size=8, ops=None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="attach"):
+        module.learn(LearnBatch(input_ids=[], positions=[], target_ids=[], hidden=None, loss=lambda p: None,
+                                messages=[{"role": "user", "content": FACT}], index=0))
