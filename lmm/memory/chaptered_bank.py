@@ -23,12 +23,13 @@ positions) or "token" (each position alone). Score and train passes pool over th
 positions only (the message being learned), so they route like the update does, and never
 advance session buffers.
 
-An update routes the message by the mean of `batch.hidden` over the positions predicting its
-selected tokens (content; the chat template shared by every message made all messages route
-alike) and trains only those chapters' slots and router keys (as per-chapter entries
-`ch{c}.keys`, ..., so the optimizer moments stay with their chapter) plus the shared W_o;
-`commit` writes them back. Other chapters' slots are untouched; W_o is shared by all chapters,
-so it remains a path by which updates interfere.
+An update routes the message by the mean of `batch.hidden` (as its score pass routes, so the
+loss after the update is measured on the chapters trained) and trains only those chapters'
+slots and router keys (as per-chapter entries `ch{c}.keys`, ..., so the optimizer moments
+stay with their chapter) plus the shared W_o; `commit` writes them back. Other chapters' slots
+are untouched, but W_o is shared by all chapters and remains a path by which updates interfere.
+Measured limit (SmolLM2-135M, 20 messages): the chat-template tokens every message shares made
+15 of 20 updates route to one chapter.
 
 Options: `low_rank` r > 0 stores each chapter's values as A_c B_c^T ([S, r] x [d_mem, r]).
 `storage_bits` 8 stores every float matrix of the state file as per-row absmax int8 (scale
@@ -250,9 +251,7 @@ class ChapteredBank(GradientMemory):
     def trainable(self, batch: LearnBatch) -> Params:
         if batch.hidden is None:
             raise ValueError("chaptered_bank needs the message's hidden states (batch.hidden) to route")
-        # The positions predicting the selected tokens: content, not the template every message shares.
-        rows = batch.positions or list(range(int(batch.hidden.shape[0])))
-        chapters = self.route_message(self.ops.take(batch.hidden, self.ops.asarray(rows, dtype="int32"), axis=0))
+        chapters = self.route_message(batch.hidden)
         self._train_chapters = chapters
         usage = self.ops.to_numpy(self.buffers["usage_update"])
         usage[chapters] += 1
