@@ -178,6 +178,8 @@ def test_torch_and_mlx_agree_after_a_session(tiny_models: dict[str, Path]) -> No
     assert r_t == r_m
     assert m_t["usage_inference"] == m_m["usage_inference"] and m_t["usage_update"] == m_m["usage_update"]
     # float32 on both; kernels differ in summation order and adam amplifies it a little: 1e-3 abs
-    # on O(1) parameters (measured max 3e-5).
+    # on O(1) parameters (measured max 2e-5 on tiny llama, 8e-5 on qwen3). Not gemma3: mlx cannot
+    # view its rotating cache, so its loss re-runs the prefix under the trained parameters and the
+    # two backends optimise different objectives (measured 4e-2).
     for key in s_t:
         np.testing.assert_allclose(s_t[key], s_m[key], atol=1e-3, rtol=1e-3, err_msg=key)

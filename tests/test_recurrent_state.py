@@ -162,6 +162,7 @@ def test_torch_and_mlx_agree_after_a_session(tiny_models: dict[str, Path]) -> No
     (r_t, s_t, m_t), (r_m, s_m, m_m) = results["torch"], results["mlx_lm"]
     assert r_t == r_m and m_t["slot_writes"] == m_m["slot_writes"]
     # float32 on both; kernel summation order differs and adam amplifies it a little:
-    # 1e-3 on O(1) parameters and slots (measured max 2e-5 on tiny llama).
+    # 1e-3 on O(1) parameters and slots (measured max 7e-6 on tiny llama, 2e-5 on qwen3; not
+    # gemma3, whose mlx loss re-runs the prefix under the trained parameters: 1.4e-2).
     for key in s_t:
         np.testing.assert_allclose(s_t[key], s_m[key], atol=1e-3, rtol=1e-3, err_msg=key)
