@@ -37,7 +37,7 @@ import pytest
 from lmm.backends import Backend, DecodingConfig, load_backend
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory import create_memory, get_memory_spec, memory_names
-from lmm.memory.base import MemoryModule
+from lmm.memory.base import GradientMemory, MemoryModule
 from lmm.models import resolve_model
 from lmm.state import StateFileError, StateHeader, read_state, save_state
 from lmm.testing import FAMILIES
@@ -306,6 +306,7 @@ class Run:
     saved: Path
     probe: list[int]  # greedy reply to PROBE in a fresh chat after saving
     learns: bool
+    by_gradient: bool  # learns by optimizer steps on the selected tokens' loss (GradientMemory)
     update_count: int
 
 
@@ -338,7 +339,8 @@ class Runs:
             engine.reset_chat()
             probe = reply_tokens(engine, PROBE)
             return Run(module, engine.module.config, fresh, replies, updates, state, saved, probe,
-                       learns(engine.module), engine.module.update_count)
+                       learns(engine.module), isinstance(engine.module, GradientMemory),
+                       engine.module.update_count)
         finally:
             engine.close()
 
@@ -384,8 +386,12 @@ def test_update_lowers_loss(runs: Runs, module: str, backend_name: str) -> None:
         assert update is not None and update.skipped is None, f"{text!r}: no update ran: {update}"
         assert update.selected_tokens, f"{text!r}: the message must have selected tokens"
         assert update.loss is not None and update.loss_after is not None
-        if run.learns:
+        if run.learns and run.by_gradient:
             assert update.loss_after < update.loss, f"{text!r}: loss did not drop: {update.loss} -> {update.loss_after}"
+        elif run.learns:
+            # A module that writes memory directly (trace_bank stores what the user said) does not
+            # optimise this loss; on a random model reading the trace may move it either way.
+            assert np.isfinite(update.loss_after), f"{text!r}: loss after the write is not finite"
         else:
             assert abs(update.loss_after - update.loss) < 1e-5, f"{text!r}: a module that does not learn changed it"
     if run.learns:
