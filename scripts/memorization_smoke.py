@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mm-opt", action="append", default=[], metavar="KEY=VALUE", help="module option (repeatable)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per reply (default 48)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)")
     return p
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.in_context and options:
             raise ValueError("--in-context uses no memory module; drop --mm-opt")
         check_module_options(memory, options)  # type: ignore[arg-type]
-        backend = load_shared_backend(args.backend, args.model)
+        backend = load_shared_backend(args.backend, args.model, args.threads)
     except (ValueError, OSError, ModelError, BackendError) as exc:
         print(f"memorization_smoke: error: {exc}", file=sys.stderr)
         return 2

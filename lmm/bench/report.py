@@ -65,9 +65,11 @@ def annotate(results: dict[str, Any]) -> dict[str, Any]:
 
 # --- table ------------------------------------------------------------------------------------
 def _frac(k: int | None, n: int | None) -> str:
-    if k is None or not n:
-        return "–"
-    return f"{k}/{n} {k / n:>4.0%}"
+    return "–" if k is None or not n else f"{k}/{n}"
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
 
 
 def _num(x: float | None, fmt: str, suffix: str = "") -> str:
@@ -81,8 +83,15 @@ def _bytes(x: float | None) -> str:
         return "–"
     for unit, size in (("MB", 1e6), ("kB", 1e3)):
         if x >= size:
-            return f"{x / size:.1f} {unit}"
-    return f"{x:.0f} B"
+            return f"{x / size:.1f}{unit}"
+    return f"{x:.0f}B"
+
+
+COLUMNS = (
+    ("row", "left"), ("recall", "right"), ("rec∧fluent", "right"), ("locality", "right"),
+    ("tok agree", "right"), ("fluency", "right"), ("tok/s ×plain", "right"), ("TTFT", "right"),
+    ("update med/p95", "right"), ("state", "right"), ("load", "right"), ("wall", "right"), ("verdict", "left"),
+)
 
 
 def build_table(results: dict[str, Any]) -> Table:
@@ -91,20 +100,14 @@ def build_table(results: dict[str, Any]) -> Table:
     title = (f"{'Lifelong memory' if lifelong else 'Memory'} benchmark — {results['model_id']} on "
              f"{results['backend']}, layer {results['layer']}, {results['n_scenarios']} scenarios "
              f"({Path(results['scenarios_file']).name}), {results['n_probes']} probes")
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for header, justify in (("row", "left"), ("recall", "right"), ("recall∧fluent", "right"),
-                            ("locality", "right"), ("tok agree", "right"), ("fluency", "right"),
-                            ("tok/s ×plain", "right"), ("TTFT med", "right"), ("update med/p95", "right"),
-                            ("state", "right"), ("load med", "right"), ("wall", "right"), ("verdict", "left")):
-        table.add_column(header, justify=justify, no_wrap=True)
+    table = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
+    for header, justify in COLUMNS:
+        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in results["rows"]:
         s = row["summary"]
         flags = row.get("flags", [])
-        recall = _frac(s["recalled"], s["n"]) + ("*" if flags else "")
-        locality = _frac(round(s["locality"] * s["n_probes"]) if s["locality"] is not None else None,
-                         s["n_probes"])
         update = ("–" if s["update_median"] is None
-                  else f"{s['update_median']:.2f}/{s['update_p95']:.2f} s")
+                  else f"{s['update_median']:.2f}/{s['update_p95']:.2f}s")
         if row["kind"] == "reference":
             verdict = "[dim]reference[/dim]"
         elif flags:
@@ -115,24 +118,30 @@ def build_table(results: dict[str, Any]) -> Table:
         if row["kind"] == "reference":
             name += " (identity)" if name == "none" else " (history)"
         table.add_row(
-            name, recall, _frac(s["recall_fluent"], s["n"]), locality, _num(s["token_agreement"], ".2f"),
-            _frac(s["fluent"], s["n_answers"]), _num(s["tps_ratio"], ".2f", "×"),
-            _num(s["ttft_median"], ".2f", " s"), update, _bytes(s["state_bytes_median"]),
-            _num(s["load_median"] * 1000 if s["load_median"] is not None else None, ".1f", " ms"),
-            _num(s["wall_seconds"], ".0f", " s"), verdict,
+            name, _frac(s["recalled"], s["n"]) + ("*" if flags else ""), _frac(s["recall_fluent"], s["n"]),
+            _share(s["locality"]), _num(s["token_agreement"], ".2f"), _share(s["fluency"]),
+            _num(s["tps_ratio"], ".2f", "×"), _num(s["ttft_median"], ".2f", "s"), update,
+            _bytes(s["state_bytes_median"]),
+            _num(s["load_median"] * 1000 if s["load_median"] is not None else None, ".1f", "ms"),
+            _num(s["wall_seconds"], ".0f", "s"), verdict,
         )
     plain = results.get("plain", {})
     dropped = [f"{r['name']}: {r['history_dropped_messages']}" for r in results["rows"]
                if r.get("history_dropped_messages")]
     dropped += [f"{r['name']}/{s['name']}: {s['history_dropped_messages']}" for r in results["rows"]
                 for s in r.get("scenarios", []) if s.get("history_dropped_messages")]
+    threads = results.get("torch_threads")
     notes = [
-        f"plain model: {_num(plain.get('probe_tps'), '.1f')} tok/s on the probes, "
-        f"TTFT med {_num(plain.get('ttft_median'), '.2f', ' s')}; run wall time "
-        f"{_num(results.get('wall_seconds'), '.0f', ' s')}",
-        "locality: probe replies identical to the plain model's; " + results.get("locality_pairing", ""),
-        "fluency: recall + probe answers not degenerate; recall∧fluent: recalled by a non-degenerate answer",
-        "* recall from a flagged row: " + "; ".join(results.get("flag_rules", {}).values()),
+        f"plain model: {_num(plain.get('probe_tps'), '.1f')} tok/s on the probes, TTFT "
+        f"{_num(plain.get('ttft_median'), '.2f', 's')}"
+        + (f", torch threads {threads}" if threads else "")
+        + f"; run wall time {_num(results.get('wall_seconds'), '.0f', 's')}",
+        "recall: answers naming the fact after a restart; rec∧fluent: ... by a non-degenerate answer",
+        "locality: probe replies identical to the plain model's; tok agree: mean token agreement; "
+        + results.get("locality_pairing", ""),
+        "fluency: recall + probe answers not degenerate; tok/s ×plain: decoding speed vs the plain model, "
+        "same prompts, timed alternately; TTFT, load: medians",
+        "* recall of a flagged row: " + "; ".join(results.get("flag_rules", {}).values()),
     ]
     if dropped:
         notes.append("context window full, oldest messages dropped: " + ", ".join(dropped))
@@ -142,7 +151,9 @@ def build_table(results: dict[str, Any]) -> Table:
 
 
 def print_table(results: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console(width=max(Console().width, 170))
+    if console is None:
+        probe = Console()
+        console = probe if probe.is_terminal else Console(width=200)
     console.print(build_table(results))
 
 

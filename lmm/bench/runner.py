@@ -19,15 +19,20 @@ Protocol (recall mode, one row per memory module plus two reference rows)
 * fluency: the share of all answers (recall answers and probe answers) that are not
   `metrics.is_degenerate`. `recall_fluent` counts answers that recall AND are fluent, so a
   collapsed module answering "Alice Alice Alice ..." scores on recall but not there.
-* reference rows: ``none`` is the identity module through the same pipeline (the lower
-  bound; a registered ``identity`` module is this row, not run twice). ``in-context`` keeps
+* reference rows: ``none`` is the identity module (the lower bound; a registered
+  ``identity`` module is this row, not run twice): its (empty) state is saved, loaded by a
+  fresh engine and the query asked. It skips the session-1 turns: identity has no state,
+  so they cannot reach session 2, and their replies would equal the in-context row's
+  (identity, greedy) — they would only double that row's cost. ``in-context`` keeps
   the teach and distractor turns in the chat history with no memory and no learning, and
   asks the query in session 1 itself (the upper bound); its probes are asked on top of the
   session-1 history of scenario ``j mod N``.
-* speed: decoding tokens/s over the probe replies (the same prompts for every row) divided
-  by the plain backend's over the same prompts; time to first token (median over all
+* speed: decoding tokens/s over the row's first `SPEED_PAIRS` probe replies divided by the
+  plain backend's (hook removed) on the same prompts, each plain reply timed right before
+  the row's so that both see the same machine load; time to first token (median over all
   answers); update seconds per user message (median, p95); saved state size; state load
-  time (median); wall time per row and for the run.
+  time (median); wall time per row and for the run. Each row starts with one throwaway
+  turn (reply + update) so that first-call costs stay out of its figures.
 
 Lifelong mode: all scenarios of a file are taught into ONE memory over K consecutive
 sessions (state saved at the end of each and loaded at the start of the next; the chat
@@ -71,10 +76,10 @@ REFERENCE_ROWS = (NONE_ROW, IN_CONTEXT_ROW)
 # Defaults chosen by measurement (see the module docs of lmm.bench.__main__): answers need
 # room for a sentence that names the fact; teaching/distractor replies only shape the
 # history the module learns in and dominate the run time, so they are shorter.
-DEFAULT_ANSWER_TOKENS = 40
-DEFAULT_REPLY_TOKENS = 24
+DEFAULT_ANSWER_TOKENS = 24
+DEFAULT_REPLY_TOKENS = 12
 # Probes per row whose plain-model reply is re-timed right before the row's reply (tokens/s ratio).
-SPEED_PAIRS = 8
+SPEED_PAIRS = 6
 
 
 @dataclass
@@ -95,6 +100,7 @@ class BenchConfig:
     lifelong: bool = False
     sessions: int = 5
     layer: int | None = None
+    threads: int = 1  # torch intra-op threads; 0: torch's default
 
     def scenario_path(self) -> Path:
         if self.scenarios is not None:
@@ -152,11 +158,28 @@ def select_modules(requested: Sequence[str] | None) -> list[str]:
     return out
 
 
-def load_shared_backend(backend: str, model: str | None) -> Backend:
-    """Load one backend, the way `ChatEngine` would, to be shared by every engine of a run."""
+def load_shared_backend(backend: str, model: str | None, threads: int = 0) -> Backend:
+    """Load one backend, the way `ChatEngine` would, to be shared by every engine of a run.
+
+    `threads` > 0 sets torch's intra-op threads (0: torch's default, one per core). On a
+    machine shared with other jobs one thread can be several times faster than two: each op
+    waits for its slowest thread, and a descheduled thread stalls every step."""
     resolved = resolve_model(model)
-    return load_backend(backend, resolved.path, resolved.model_id,
-                        local_files_only=Path(resolved.path).is_dir())
+    loaded = load_backend(backend, resolved.path, resolved.model_id,
+                          local_files_only=Path(resolved.path).is_dir())
+    if threads > 0 and loaded.name == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    return loaded
+
+
+def compute_threads(backend: Backend) -> int | None:
+    if backend.name != "torch":
+        return None
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def new_engine(backend: Backend, memory: str, options: dict[str, str] | None, *, max_tokens: int, seed: int,
@@ -309,10 +332,12 @@ Advance = Callable[[str], None]
 class BenchRunner:
     """Runs the rows of one benchmark on one loaded backend; `run()` returns the JSON-able results."""
 
-    def __init__(self, config: BenchConfig, backend: Backend, *, advance: Advance = lambda desc: None) -> None:
+    def __init__(self, config: BenchConfig, backend: Backend, *, advance: Advance = lambda desc: None,
+                 on_row: Callable[[dict[str, Any]], None] = lambda row: None) -> None:
         self.config = config
         self.backend = backend
         self.advance = advance
+        self.on_row = on_row
         distractor_pool = load_distractors(config.distractors) if Path(config.distractors).exists() else []
         scenarios = load_scenarios(config.scenario_path(), distractor_pool)
         if config.limit is not None:
@@ -362,13 +387,16 @@ class BenchRunner:
             for name in self.row_names():
                 row_start = time.perf_counter()
                 self._warmup(IDENTITY if name in REFERENCE_ROWS else name, self._options(name))
+                warmup = time.perf_counter() - row_start
                 if cfg.lifelong:
                     row = self._lifelong_row(name, state_root)
                 else:
                     row = self._recall_row(name, state_root)
                 row["wall_seconds"] = time.perf_counter() - row_start
+                row["warmup_seconds"] = warmup
                 summarize_row(row, plain_tps)
                 rows.append(row)
+                self.on_row(row)
         finally:
             self.backend.remove_hook()
             self.backend.reset_session()
@@ -377,6 +405,7 @@ class BenchRunner:
         return {
             "kind": "lifelong" if cfg.lifelong else "recall",
             "backend": self.backend.name, "model_id": self.backend.model_id, "layer": layer,
+            "torch_threads": compute_threads(self.backend),
             "started_at": started_at, "command": " ".join(sys.argv), "config": cfg.to_json(),
             "scenarios_file": str(cfg.scenario_path()), "n_scenarios": len(self.scenarios),
             "probes_file": str(cfg.probes), "n_probes": len(self.probes),
@@ -443,10 +472,11 @@ class BenchRunner:
         histories: list[list[Message]] = []
         for i, sc in enumerate(self.scenarios):
             self.advance(f"{name}: {sc.name}")
+            t_scenario = time.perf_counter()
             engine = self._engine(module, options, cfg.reply_tokens, learning=not in_context)
             turns = []
             dropped = 0
-            for text in (*sc.teach, *sc.distractors):
+            for text in (*sc.teach, *sc.distractors) if name != NONE_ROW else ():
                 before = len(engine.messages)
                 turns.append(_turn_record(engine.ask(text)))
                 dropped += max(0, before + 2 - len(engine.messages))
@@ -473,7 +503,9 @@ class BenchRunner:
                 record.update(_answer_record(fresh.ask(sc.query)))
                 record["state_bytes"] = size
                 fresh.close()
+            record["wall_seconds"] = time.perf_counter() - t_scenario
             row["scenarios"].append(record)
+        t_probes = time.perf_counter()
         for j, prompt in enumerate(self.probes):
             self.advance(f"{name}: probes")
             i = j % len(self.scenarios)
@@ -486,6 +518,7 @@ class BenchRunner:
                 row["load_seconds"].append(time.perf_counter() - t0)
                 row["probes"].append(self._probe(j, prompt, engine, self.scenarios[i].name))
             engine.close()
+        row["probe_seconds"] = time.perf_counter() - t_probes
         return row
 
     # --- lifelong mode --------------------------------------------------------------------
@@ -521,7 +554,7 @@ class BenchRunner:
                     row["load_seconds"].append(time.perf_counter() - t0)
             for sc in chunk:
                 self.advance(f"{name}: session {s + 1}: {sc.name}")
-                for text in (*sc.teach, *sc.distractors):
+                for text in (*sc.teach, *sc.distractors) if name != NONE_ROW else ():
                     before = len(engine.messages)
                     record = _turn_record(engine.ask(text))
                     record["session"] = s
@@ -572,14 +605,23 @@ def run_benchmark(config: BenchConfig, backend: Backend | None = None, *, progre
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if backend is None:
-        backend = load_shared_backend(config.backend, config.model)
+        backend = load_shared_backend(config.backend, config.model, config.threads)
     console = Console(stderr=True)
+
+    def on_row(row: dict[str, Any]) -> None:
+        s = row["summary"]
+        fluency = "–" if s["fluency"] is None else f"{s['fluency']:.2f}"
+        locality = "–" if s["locality"] is None else f"{s['locality']:.2f}"
+        console.print(f"{row['name']}: recall {s['recalled']}/{s['n']}, locality {locality}, fluency {fluency}, "
+                      f"{row['wall_seconds']:.0f} s", highlight=False)
+
     columns = (TextColumn("[progress.description]{task.description:<44}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task = bar.add_task("starting", total=None)
         runner = BenchRunner(config, backend,
-                             advance=lambda desc: bar.update(task, advance=1, description=desc[:44]))
+                             advance=lambda desc: bar.update(task, advance=1, description=desc[:44]),
+                             on_row=on_row)
         bar.update(task, total=runner.total_steps())
         results = runner.run()
         bar.update(task, description="done")
