@@ -73,9 +73,13 @@ IN_CONTEXT_ROW = "in-context"
 IDENTITY = "identity"
 REFERENCE_ROWS = (NONE_ROW, IN_CONTEXT_ROW)
 
-# Defaults chosen by measurement (see the module docs of lmm.bench.__main__): answers need
-# room for a sentence that names the fact; teaching/distractor replies only shape the
-# history the module learns in and dominate the run time, so they are shorter.
+# Defaults chosen by measurement on the 2-core CPU (torch, SmolLM2-135M): session-1 replies
+# (6 per scenario per row: 192 per row on facts.jsonl) dominate the run time after the
+# modules' own updates, and only shape the history a module learns in, so they are short;
+# answers need room for one sentence that names the fact (in a --limit 4 run at 32 tokens the
+# keyword, when present, came within the first ~15 tokens) and enough words for the
+# degeneration test. At answers 32 / replies 16 a full run of 7 rows projected to 56 min on
+# the shared machine; 24 / 12 (and `none` skipping its stateless session 1) cut about a fifth.
 DEFAULT_ANSWER_TOKENS = 24
 DEFAULT_REPLY_TOKENS = 12
 # Probes per row whose plain-model reply is re-timed right before the row's reply (tokens/s ratio).
