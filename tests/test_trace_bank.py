@@ -160,29 +160,36 @@ def test_extra_kv_visibility_and_chunked_prefill(name: str, family: str, tiny_mo
     np.testing.assert_array_equal(again, plain)
 
 
+@pytest.mark.parametrize("scaffold", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # gemma3's sliding window needs a second mask
-def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, tiny_models: dict[str, Path]) -> None:
+def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, scaffold: bool,
+                                                                   tiny_models: dict[str, Path]) -> None:
     """start_layer=0: the prompt's logits equal one forward of [system, statement turn, prompt turn] whose
     prompt positions restart right after the system prompt and whose prompt tokens see the whole statement
-    (the trace's semantics: unshifted positions, every chat token after the system prompt reads it)."""
+    turn (scaffold=True) or only its content tokens (the trace's semantics: unshifted positions, every chat
+    token after the system prompt reads it)."""
     import torch
 
     be = backend("torch", tiny_models, family)
-    eng = engine(be, start_layer=0, threshold=0.99)
+    eng = engine(be, start_layer=0, threshold=0.99, sentence_threshold=1.0, scaffold=scaffold)
     try:
         teach(eng, FACT)
         trace = bank(eng).traces[0]
         ids = be.formatter.generation_ids([{"role": "user", "content": FACT}])  # routes to its own trace
         with_trace = prompt_logits(be, FACT)
         assert bank(eng).last_route is not None and bank(eng).last_route["retrieved"]
-        n_sys, m = trace.start, len(trace.token_ids)
-        assert ids[:n_sys] == bank(eng)._system_ids()
-        seq = ids[:n_sys] + trace.token_ids.tolist() + ids[n_sys:]
+        turn, n_sys, content = bank(eng)._turn(FACT)
+        assert ids[:n_sys] == bank(eng)._system_ids() and n_sys == trace.start
+        read = list(range(n_sys, len(turn))) if scaffold else content
+        assert trace.token_ids.tolist() == [turn[i] for i in read]
+        m = len(turn) - n_sys
+        seq = ids[:n_sys] + turn[n_sys:] + ids[n_sys:]
         positions = list(range(n_sys + m)) + list(range(n_sys, len(ids)))
         t = len(seq)
         allowed = np.tril(np.ones((t, t), dtype=bool))
         q0 = n_sys + m
-        allowed[q0:, n_sys:q0] = True  # prompt tokens see all of the statement
+        allowed[q0:, read] = True  # prompt tokens see the trace's tokens of the statement turn ...
+        allowed[q0:, sorted(set(range(n_sys, q0)) - set(read))] = False  # ... and no other
         model = be.model
         mask = torch.where(torch.from_numpy(allowed), 0.0, torch.finfo(torch.float32).min)[None, None]
         be.set_extra_kv(None)
@@ -218,7 +225,7 @@ def test_unrouted_prompt_is_bit_identical_even_after_a_routed_one(name: str, tin
     plain_logits = prompt_logits(be, UNRELATED)
     plain_tokens = plain_reply(be, UNRELATED)
     routed_plain = plain_reply(be, FACT)
-    eng = engine(be, threshold=0.99)
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99)
     try:
         teach(eng, FACT)
         routed = reply(eng, FACT)
@@ -236,7 +243,7 @@ def test_unrouted_prompt_is_bit_identical_even_after_a_routed_one(name: str, tin
 def test_multi_turn_chat_matches_a_fresh_prefill(name: str, tiny_models: dict[str, Path]) -> None:
     """Turn 2 reuses the session cache when the retrieval did not change, and drops it when it did."""
     be = backend(name, tiny_models)
-    eng = engine(be, threshold=0.99)
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99)
     try:
         teach(eng, FACT)
         eng.learning = False
@@ -246,7 +253,7 @@ def test_multi_turn_chat_matches_a_fresh_prefill(name: str, tiny_models: dict[st
             history = eng.chat_messages()
             last = eng.last_turn.assistant
             # the same prompt from scratch with the same retrieval
-            fresh = engine(be, threshold=0.99)
+            fresh = engine(be, threshold=0.99, sentence_threshold=0.99)
             fresh.module.load_state_tensors(eng.module.state_tensors())
             fresh.messages = [dict(m) for m in history[:-2]]
             fresh.learning = False
@@ -308,7 +315,7 @@ def test_questions_are_not_stored_and_the_gate_can_be_turned_off(name: str, tiny
 def test_eviction_bounds_the_count_and_keeps_recently_retrieved_traces(name: str,
                                                                       tiny_models: dict[str, Path]) -> None:
     be = backend(name, tiny_models)
-    eng = engine(be, max_traces=2, threshold=0.99)
+    eng = engine(be, max_traces=2, threshold=0.99, sentence_threshold=0.99)
     try:
         teach(eng, FACT)
         teach(eng, OTHER)
@@ -343,7 +350,7 @@ def test_torch_and_mlx_agree(tiny_models: dict[str, Path]) -> None:
     results = {}
     for name in ("torch", "mlx_lm"):
         be = backend(name, tiny_models)
-        eng = engine(be, threshold=0.99)
+        eng = engine(be, threshold=0.99, sentence_threshold=0.99)
         try:
             replies = [eng.ask(t).assistant for t in (FACT, "Why is the sky blue?", OTHER)]
             state = eng.module.state_tensors()
@@ -368,3 +375,22 @@ def test_learning_needs_a_backend() -> None:
     with pytest.raises(RuntimeError, match="attach"):
         module.learn(LearnBatch(input_ids=[], positions=[], target_ids=[], hidden=None, loss=lambda p: None,
                                 messages=[{"role": "user", "content": FACT}], index=0))
+
+
+@pytest.mark.parametrize("max_sentences", [0, 4])
+def test_a_sentence_inside_a_longer_message_routes_on_its_own(max_sentences: int, tiny_models: dict[str, Path]) -> None:
+    """The stored statement as one sentence of a longer message: read when the message's sentences
+    route separately (max_query_sentences > 0), not when only the whole message is scored."""
+    be = backend("torch", tiny_models)
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, max_query_sentences=max_sentences)
+    try:
+        teach(eng, FACT)
+        message = f"{UNRELATED} Tell me a long story about a dragon and a lighthouse. {FACT}"
+        tokens, sentences = bank(eng).scores(message)
+        whole_tokens, whole_sentences = bank(eng).scores(FACT) if max_sentences else (tokens, sentences)
+        reply(eng, message)
+        assert bank(eng).last_route["retrieved"] == (max_sentences > 0)
+        if max_sentences:
+            assert tokens[0] == pytest.approx(whole_tokens[0]) and sentences[0] == pytest.approx(whole_sentences[0])
+    finally:
+        eng.close()
