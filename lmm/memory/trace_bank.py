@@ -38,7 +38,6 @@ traces assume the template's default system prompt.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,48 +54,22 @@ from lmm.memory.base import (
     RewriteContext,
     StateError,
 )
+from lmm.memory.traces import (
+    CALIBRATION,
+    SENTENCE_SPLIT,
+    TRACE_KEYS,
+    Trace,
+    late_interaction,
+    normalize,
+    pack_traces,
+    statements,
+    unpack_traces,
+)
 from lmm.ops import Array, Ops
 
-# Generic messages whose routing states give the centring mean (no memory content, no benchmark text).
-CALIBRATION = (
-    "Good morning!",
-    "Could you help me plan a weekend trip?",
-    "What time does the sun set in winter?",
-    "Tell me something interesting about ancient history.",
-    "How does the internet actually work?",
-    "Please summarise the main idea in two sentences.",
-    "I am a bit busy this week.",
-    "The weather has been lovely lately.",
-    "Can you write a short poem about trees?",
-    "What is the best way to learn a new language?",
-    "I usually go for a walk after lunch.",
-    "Why do cats purr?",
-    "My friend recommended a film to me yesterday.",
-    "Thanks, that was really helpful.",
-    "Explain how bicycle gears work.",
-    "We spent the afternoon at the market.",
-    "Is it better to study in the morning or at night?",
-    "List three healthy snacks.",
-    "Our train was late again today.",
-    "Translate 'good night' into German.",
-)
+__all__ = ["TraceBank", "TraceBankConfig", "statements"]
 
-_QUESTION_END = re.compile(r"\?[\"'\u201d\u2019)\]]*$")
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
-_FIRST_PERSON = re.compile(
-    r"(?<![\w'])(i|i'm|i've|i'd|i'll|im|my|mine|myself|we|we're|we've|we'd|we'll|our|ours|ourselves)(?![\w'])",
-    re.IGNORECASE,
-)
 _MARK = "\u2063TRACE\u2063"
-
-
-def statements(text: str) -> str:
-    """The write gate: `text` without its questions, or "" when nothing left speaks in the first person."""
-    text = text.replace("\u2019", "'").strip()
-    kept = [s for s in _SENTENCE_SPLIT.split(text) if s.strip() and "?" not in s and not _QUESTION_END.search(s)]
-    if not kept or not any(_FIRST_PERSON.search(s) for s in kept):
-        return ""
-    return " ".join(s.strip() for s in kept)
 
 
 @dataclass
@@ -135,33 +108,6 @@ class TraceBankConfig(MemoryConfig):
             raise ValueError(f"dedupe must be in [0, 1], got {self.dedupe}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
-
-
-@dataclass
-class Trace:
-    token_ids: np.ndarray  # int32 [L]: the user turn, template scaffolding included
-    keys: np.ndarray  # [S, n_kv_heads, L, head_dim] for the layers start_layer..num_layers-1
-    values: np.ndarray  # same shape
-    route: np.ndarray  # [R, d] routing states of the content tokens
-    sentence: np.ndarray  # [d] mean state of the user turn entering sentence_layer
-    start: int  # position of the first trace token (= the system prompt's length)
-    written: int  # clock at writing
-    used: int  # clock at the last retrieval (written, until retrieved)
-    uid: int = 0  # in-process identity (caches), not saved
-
-
-def _late_interaction(query: np.ndarray, keys: np.ndarray, starts: np.ndarray,
-                      weights: np.ndarray | None = None) -> np.ndarray:
-    """Per segment of `keys` (rows from each `starts[i]`): the (weighted) mean over query rows of
-    the best cosine."""
-    best = np.maximum.reduceat(query @ keys.T, starts, axis=1)  # [m, segments]
-    if weights is None:
-        return best.mean(axis=0)
-    return (weights[:, None] * best).sum(axis=0) / max(float(weights.sum()), 1e-6)
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
 class TraceBank(MemoryModule):
@@ -291,13 +237,13 @@ class TraceBank(MemoryModule):
         if self._sentence_center is None:
             self._sentence_center = np.mean([self._sentence_state(*self._turn(t)[:2]) for t in CALIBRATION], axis=0)
         ids, start, _ = self._turn(text)
-        return _normalize(self._sentence_state(ids, start) - self._sentence_center)
+        return normalize(self._sentence_state(ids, start) - self._sentence_center)
 
     def _token_weights(self, query: np.ndarray) -> np.ndarray:
         """How specific each (normalised, centred) query token is: 1 - its best cosine to any token
         of the generic calibration messages, so "what is my" weighs little and "brother" much."""
         if self._generic is None:
-            self._generic = _normalize(self._calibration_states() - self._ensure_center())
+            self._generic = normalize(self._calibration_states() - self._ensure_center())
         return np.clip(1.0 - (query @ self._generic.T).max(axis=1), 0.0, None)
 
     def _query_states(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -306,7 +252,7 @@ class TraceBank(MemoryModule):
         if cached is None:
             ids, _, content = self._turn(text)
             states = self._route_states(self.backend.capture(ids, hidden_layer=self.routing).hidden, content)
-            cached = (_normalize(states - self._ensure_center()), self._sentence_query(text))
+            cached = (normalize(states - self._ensure_center()), self._sentence_query(text))
             self._queries[text] = cached
             while len(self._queries) > 32:
                 self._queries.popitem(last=False)
@@ -318,7 +264,7 @@ class TraceBank(MemoryModule):
         if self._sentences is None:
             self._sentence_query("")  # computes the centre
             stacked = np.stack([t.sentence.astype(np.float32) for t in self.traces])
-            self._sentences = _normalize(stacked - self._sentence_center)
+            self._sentences = normalize(stacked - self._sentence_center)
         return self._sentences
 
     def _routing_index(self) -> tuple[np.ndarray, np.ndarray]:
@@ -326,7 +272,7 @@ class TraceBank(MemoryModule):
             center = self._ensure_center()
             states = np.concatenate([t.route.astype(np.float32) for t in self.traces])
             starts = np.cumsum([0] + [len(t.route) for t in self.traces[:-1]])
-            self._index = (_normalize(states - center), starts)
+            self._index = (normalize(states - center), starts)
         return self._index
 
     def scores(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -336,11 +282,11 @@ class TraceBank(MemoryModule):
         if not self.traces:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
         states, starts = self._routing_index()
-        parts = [p for p in _SENTENCE_SPLIT.split(text.strip()) if p.strip()]
+        parts = [p for p in SENTENCE_SPLIT.split(text.strip()) if p.strip()]
         tokens, sentences = [], []
         for part in [text, *parts[: self.cfg.max_query_sentences]] if len(parts) > 1 else [text]:
             query, sentence = self._query_states(part)
-            tokens.append(_late_interaction(query, states, starts, self._token_weights(query)))
+            tokens.append(late_interaction(query, states, starts, self._token_weights(query)))
             sentences.append(self._sentence_index() @ sentence)
         return np.max(tokens, axis=0), np.max(sentences, axis=0)
 
@@ -383,12 +329,12 @@ class TraceBank(MemoryModule):
         if not self.traces:
             return None
         center = self._ensure_center()
-        new = _normalize(trace.route.astype(np.float32) - center)
+        new = normalize(trace.route.astype(np.float32) - center)
         states, starts = self._routing_index()
-        forward = _late_interaction(new, states, starts)
+        forward = late_interaction(new, states, starts)
         best = int(np.argmax(forward))
         old = states[starts[best]: starts[best] + len(self.traces[best].route)]
-        backward = float(_late_interaction(old, new, np.zeros(1, dtype=np.int64))[0])
+        backward = float(late_interaction(old, new, np.zeros(1, dtype=np.int64))[0])
         return best if min(float(forward[best]), backward) >= self.cfg.dedupe else None
 
     def _add(self, trace: Trace) -> None:
@@ -482,60 +428,21 @@ class TraceBank(MemoryModule):
         out: dict[str, np.ndarray] = {"buffer.clock": np.asarray([self.clock], dtype=np.int64)}
         if self.center is not None:
             out["buffer.center"] = self.center.astype(np.float32)
-        if self.traces:
-            t = self.traces
-            out.update({
-                "buffer.keys": np.concatenate([x.keys for x in t], axis=2),
-                "buffer.values": np.concatenate([x.values for x in t], axis=2),
-                "buffer.route": np.concatenate([x.route for x in t]),
-                "buffer.sentence": np.stack([x.sentence for x in t]),
-                "buffer.token_ids": np.concatenate([x.token_ids for x in t]),
-                "buffer.trace_tokens": np.asarray([len(x.token_ids) for x in t], dtype=np.int32),
-                "buffer.route_tokens": np.asarray([len(x.route) for x in t], dtype=np.int32),
-                "buffer.starts": np.asarray([x.start for x in t], dtype=np.int32),
-                "buffer.written": np.asarray([x.written for x in t], dtype=np.int64),
-                "buffer.used": np.asarray([x.used for x in t], dtype=np.int64),
-            })
+        out.update(pack_traces(self.traces))
         return out
 
-    _TRACE_KEYS = ("keys", "values", "route", "sentence", "token_ids", "trace_tokens", "route_tokens", "starts",
-                   "written", "used")
-
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        known = {"buffer.clock", "buffer.center", *(f"buffer.{k}" for k in self._TRACE_KEYS)}
+        known = {"buffer.clock", "buffer.center", *(f"buffer.{k}" for k in TRACE_KEYS)}
         unknown = sorted(set(tensors) - known)
         if unknown:
             raise StateError(f"unexpected tensor(s) {', '.join(unknown)} in state for module {self.name}")
         if "buffer.clock" not in tensors:
             raise StateError(f"state is missing tensor buffer.clock for module {self.name}")
-        present = [k for k in self._TRACE_KEYS if f"buffer.{k}" in tensors]
-        if present and len(present) != len(self._TRACE_KEYS):
-            missing = sorted(set(self._TRACE_KEYS) - set(present))
-            raise StateError(f"state is missing tensor(s) {', '.join('buffer.' + k for k in missing)} "
-                             f"for module {self.name}")
         center = tensors.get("buffer.center")
         if center is not None and center.shape != (self.hidden_size,):
             raise StateError(f"tensor buffer.center has shape {center.shape}, module {self.name} expects "
                              f"({self.hidden_size},)")
-        traces: list[Trace] = []
-        if present:
-            g = {k: tensors[f"buffer.{k}"] for k in self._TRACE_KEYS}
-            lens, rlens, n = g["trace_tokens"], g["route_tokens"], len(g["trace_tokens"])
-            ok = (g["keys"].ndim == 4 and g["keys"].shape == g["values"].shape
-                  and g["keys"].shape[2] == int(lens.sum()) == len(g["token_ids"])
-                  and g["route"].ndim == 2 and g["route"].shape == (int(rlens.sum()), self.hidden_size)
-                  and g["sentence"].shape == (n, self.hidden_size)
-                  and all(len(g[k]) == n for k in ("route_tokens", "starts", "written", "used"))
-                  and (lens > 0).all() and (rlens > 0).all() and center is not None)
-            if not ok:
-                raise StateError(f"inconsistent trace tensors in state for module {self.name}")
-            edges, redges = np.cumsum(lens)[:-1], np.cumsum(rlens)[:-1]
-            parts = zip(np.split(g["keys"], edges, axis=2), np.split(g["values"], edges, axis=2),
-                        np.split(g["route"], redges), np.split(g["token_ids"], edges), strict=True)
-            for i, (k, v, r, ids) in enumerate(parts):
-                traces.append(Trace(token_ids=ids, keys=k, values=v, route=r, sentence=g["sentence"][i],
-                                    start=int(g["starts"][i]),
-                                    written=int(g["written"][i]), used=int(g["used"][i])))
+        traces = unpack_traces(tensors, self.hidden_size, self.name)
         self.traces = []
         for trace in traces:
             self._uids += 1
@@ -544,6 +451,6 @@ class TraceBank(MemoryModule):
         self.center = None if center is None else np.asarray(center, dtype=np.float32)
         self.clock = int(tensors["buffer.clock"][0])
         self._index = self._sentences = None
+        self._generic = None
         self._extras.clear()
         self._queries.clear()
-        self._generic = None
