@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from lmm.backends import BackendError
+from lmm.bench.engines import check_module_options, load_shared_backend, new_engine, parse_module_options
 from lmm.bench.metrics import is_degenerate, recalls
-from lmm.bench.runner import check_module_options, load_shared_backend, new_engine, parse_module_options
 from lmm.models import ModelError
 
 NAMES = ("Alice", "Bob", "Carol", "David", "Eva", "Ivan", "Yuri", "Aydar", "Mikhail", "Matvey")

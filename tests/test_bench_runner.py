@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from lmm.bench.__main__ import main as bench_main
+from lmm.bench.engines import parse_module_options
+from lmm.bench.records import summarize_row
 from lmm.bench.report import row_flags, table_text, write_json
-from lmm.bench.runner import BenchConfig, BenchRunner, parse_module_options, summarize_row
+from lmm.bench.runner import BenchConfig, BenchRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = [

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from lmm.backends import BackendError
-from lmm.bench.runner import DEFAULT_ANSWER_TOKENS, DEFAULT_REPLY_TOKENS, BenchConfig, parse_module_options
+from lmm.bench.engines import parse_module_options
+from lmm.bench.runner import DEFAULT_ANSWER_TOKENS, DEFAULT_REPLY_TOKENS, BenchConfig
 from lmm.models import ModelError
 
 

@@ -59,14 +59,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmm.backends import DecodingConfig, load_backend
 from lmm.backends.base import Backend
-from lmm.bench.metrics import is_degenerate, median, p95, recalls, token_agreement
+from lmm.bench.engines import (
+    check_module_options,
+    compute_threads,
+    generate_reply,
+    load_shared_backend,
+    new_engine,
+    set_max_tokens,
+)
+from lmm.bench.metrics import median
+from lmm.bench.records import (
+    answer_record,
+    nan_to_none,
+    probe_record,
+    summarize_row,
+    tokens_per_second,
+    turn_record,
+)
 from lmm.bench.scenarios import Scenario, load_distractors, load_probes, load_scenarios
 from lmm.chat_format import Message
-from lmm.engine import ChatEngine, EngineConfig, TurnResult
+from lmm.engine import ChatEngine
 from lmm.memory import get_memory_spec, memory_names
-from lmm.models import artifacts_dir, resolve_model
+from lmm.models import artifacts_dir
 
 NONE_ROW = "none"
 IN_CONTEXT_ROW = "in-context"
@@ -125,31 +140,6 @@ class BenchConfig:
 
 
 # --- options ----------------------------------------------------------------------------------
-def parse_module_options(pairs: Sequence[str], *, scoped: bool) -> dict[str, dict[str, str]] | dict[str, str]:
-    """`--mm-opt` values: ``module.key=value`` when `scoped` (the benchmark), else ``key=value``."""
-    scoped_out: dict[str, dict[str, str]] = {}
-    flat: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--mm-opt expects {'module.key' if scoped else 'key'}=value, got {pair!r}")
-        if scoped:
-            module, dot, opt = key.partition(".")
-            if not dot or not module or not opt:
-                raise ValueError(f"--mm-opt expects module.key=value, got {pair!r}")
-            get_memory_spec(module)  # unknown module: ValueError naming the registered ones
-            scoped_out.setdefault(module, {})[opt.replace("-", "_")] = value.strip()
-        else:
-            flat[key.replace("-", "_")] = value.strip()
-    return scoped_out if scoped else flat
-
-
-def check_module_options(module: str, options: dict[str, str]) -> None:
-    """Fail before a long run when an option is unknown or malformed."""
-    get_memory_spec(module).config_cls.from_strings(options)
-
-
 def select_modules(requested: Sequence[str] | None) -> list[str]:
     names = list(requested) if requested else memory_names()
     for name in names:
@@ -160,173 +150,6 @@ def select_modules(requested: Sequence[str] | None) -> list[str]:
         if name not in out:
             out.append(name)
     return out
-
-
-def load_shared_backend(backend: str, model: str | None, threads: int = 0) -> Backend:
-    """Load one backend, the way `ChatEngine` would, to be shared by every engine of a run.
-
-    `threads` > 0 sets torch's intra-op threads (0: torch's default, one per core). On a
-    machine shared with other jobs one thread can be several times faster than two: each op
-    waits for its slowest thread, and a descheduled thread stalls every step."""
-    resolved = resolve_model(model)
-    loaded = load_backend(backend, resolved.path, resolved.model_id,
-                          local_files_only=Path(resolved.path).is_dir())
-    if threads > 0 and loaded.name == "torch":
-        import torch
-
-        torch.set_num_threads(threads)
-    return loaded
-
-
-def compute_threads(backend: Backend) -> int | None:
-    if backend.name != "torch":
-        return None
-    import torch
-
-    return int(torch.get_num_threads())
-
-
-def new_engine(backend: Backend, memory: str, options: dict[str, str] | None, *, max_tokens: int, seed: int,
-               learning: bool = True, layer: int | None = None) -> ChatEngine:
-    """A fresh engine (fresh module) on an already loaded backend: greedy, no logs, synchronous updates."""
-    config = EngineConfig(
-        backend=backend.name, memory=memory, memory_options=dict(options or {}), seed=seed, layer=layer,
-        decoding=DecodingConfig(strategy="greedy", max_tokens=max_tokens, seed=seed),
-        activation_log_path=None, log_activations=False, background_updates=False,
-    )
-    engine = ChatEngine(config, backend=backend)
-    engine.learning = learning
-    return engine
-
-
-def set_max_tokens(engine: ChatEngine, max_tokens: int) -> None:
-    engine.config.decoding = dataclasses.replace(engine.config.decoding, max_tokens=max_tokens)
-
-
-# --- one generation with its token ids ------------------------------------------------------
-@dataclass
-class Reply:
-    text: str
-    tokens: list[int]
-    generated_tokens: int
-    generation_seconds: float
-    ttft: float
-
-
-def generate_reply(backend: Backend, messages: list[Message], max_tokens: int, seed: int,
-                   fresh_cache: bool = True) -> Reply:
-    """Greedy reply to `messages` with whatever hook is installed, keeping the token ids.
-
-    `ChatEngine.stream` does not expose every token id (it skips yielding tokens that end in
-    an incomplete UTF-8 sequence), and token agreement needs them, so probes call the
-    backend the way the engine does: the same chat rendering, from a fresh session cache
-    (or, with `fresh_cache=False`, reusing the cached prefix as the engine does in a chat)."""
-    fmt = backend.formatter
-    decoding = DecodingConfig(strategy="greedy", max_tokens=max_tokens, seed=seed)
-    msgs = list(messages)
-    budget = backend.context_length - max_tokens
-    prompt = fmt.generation_ids(msgs)
-    while len(prompt) > budget and len(msgs) > 2:  # mirror the engine: drop the oldest exchange
-        first = 1 if msgs[0]["role"] == "system" else 0
-        del msgs[first:first + 2]
-        prompt = fmt.generation_ids(msgs)
-    if fresh_cache:
-        backend.reset_session()
-    tokens = list(backend.generate(prompt, decoding))
-    stats = backend.last_stats
-    return Reply(fmt.decode(tokens).strip(), tokens, stats.generated_tokens, stats.generation_seconds,
-                 stats.time_to_first_token)
-
-
-def _turn_record(turn: TurnResult) -> dict[str, Any]:
-    update = turn.update
-    learned = update is not None and update.skipped != "incognito"
-    return {
-        "user": turn.user, "assistant": turn.assistant, "generation_tokens": turn.generation_tokens,
-        "generation_seconds": turn.generation_tokens / turn.tokens_per_second if turn.tokens_per_second else 0.0,
-        "ttft": turn.time_to_first_token,
-        "update_seconds": update.seconds if learned else None,
-        "n_selected": len(update.selected_tokens) if update is not None else 0,
-        "update_skipped": update.skipped if update is not None else None,
-    }
-
-
-def _answer_record(turn: TurnResult) -> dict[str, Any]:
-    return {"answer": turn.assistant, "generation_tokens": turn.generation_tokens,
-            "generation_seconds": turn.generation_tokens / turn.tokens_per_second if turn.tokens_per_second else 0.0,
-            "ttft": turn.time_to_first_token}
-
-
-def _probe_record(prompt: str, source: str | None, reply: Reply, baseline: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "prompt": prompt, "memory_from": source, "answer": reply.text, "tokens": reply.tokens,
-        "baseline": baseline["answer"], "identical": reply.tokens == baseline["tokens"],
-        "agreement": token_agreement(reply.tokens, baseline["tokens"]),
-        "generation_tokens": reply.generated_tokens, "generation_seconds": reply.generation_seconds,
-        "ttft": reply.ttft,
-    }
-
-
-# --- summary figures ------------------------------------------------------------------------
-def _nan_to_none(x: float) -> float | None:
-    return None if x != x else x
-
-
-def _tps(items: Sequence[dict[str, Any]]) -> float | None:
-    tokens = sum(i.get("generation_tokens", 0) for i in items)
-    seconds = sum(i.get("generation_seconds", 0.0) for i in items)
-    return tokens / seconds if seconds > 0 else None
-
-
-def summarize_row(row: dict[str, Any], plain_tps: float | None = None) -> dict[str, Any]:
-    """Compute a row's figures from its raw records (answers, probes, turns, timings) in place."""
-    scen = row.get("scenarios", [])
-    probes = row.get("probes", [])
-    for s in scen:
-        s["recalled"] = recalls(s["answer"], s["expect"])
-        s["degenerate"] = is_degenerate(s["answer"])
-    for p in probes:
-        p["degenerate"] = is_degenerate(p["answer"])
-    n = len(scen)
-    k = sum(s["recalled"] for s in scen)
-    answers = [s["degenerate"] for s in scen] + [p["degenerate"] for p in probes]
-    turns = [t for s in scen for t in s.get("turns", [])] + row.get("turns", [])
-    updates = [t["update_seconds"] for t in turns if t.get("update_seconds") is not None]
-    ttfts = [a["ttft"] for a in scen + probes if a.get("ttft") is not None]
-    loads = row.get("load_seconds", [])
-    sizes = row.get("state_bytes", [])
-    probe_tps = _tps(probes)
-    paired = [p for p in probes if p.get("paired_plain")]
-    if paired:  # the same prompts, plain model timed right before: robust to a changing machine load
-        plain_tps = _tps([p["paired_plain"] for p in paired])
-        ratio_tps = _tps(paired)
-    else:
-        ratio_tps = probe_tps
-    row["summary"] = {
-        "n": n,
-        "recalled": k,
-        "recall": k / n if n else None,
-        "recall_fluent": sum(s["recalled"] and not s["degenerate"] for s in scen),
-        "n_probes": len(probes),
-        "locality": sum(p["identical"] for p in probes) / len(probes) if probes else None,
-        "token_agreement": sum(p["agreement"] for p in probes) / len(probes) if probes else None,
-        "n_answers": len(answers),
-        "fluent": sum(not d for d in answers),
-        "fluency": sum(not d for d in answers) / len(answers) if answers else None,
-        "probe_tps": probe_tps,
-        "answer_tps": _tps(scen + probes),
-        "tps_ratio": ratio_tps / plain_tps if ratio_tps and plain_tps else None,
-        "tps_ratio_pairs": len(paired),
-        "ttft_median": _nan_to_none(median(ttfts)),
-        "update_median": _nan_to_none(median(updates)),
-        "update_p95": _nan_to_none(p95(updates)),
-        "n_updates": len(updates),
-        "state_bytes_median": _nan_to_none(median(sizes)),
-        "state_bytes_max": max(sizes) if sizes else None,
-        "load_median": _nan_to_none(median(loads)),
-        "wall_seconds": row.get("wall_seconds"),
-    }
-    return row["summary"]
 
 
 # --- the runner -----------------------------------------------------------------------------
@@ -386,7 +209,7 @@ class BenchRunner:
         state_root = Path(tempfile.mkdtemp(prefix="lmm-bench-"))
         try:
             self._plain = self._plain_probes()
-            plain_tps = _tps(self._plain)
+            plain_tps = tokens_per_second(self._plain)
             rows = []
             for name in self.row_names():
                 row_start = time.perf_counter()
@@ -416,7 +239,7 @@ class BenchRunner:
             "locality_pairing": ("probe j is asked with the final lifelong memory" if cfg.lifelong else
                                  "probe j is asked with the state saved from scenario j mod N (N scenarios)"),
             "plain": {"probes": self._plain, "probe_tps": plain_tps,
-                      "ttft_median": _nan_to_none(median([p["ttft"] for p in self._plain]))},
+                      "ttft_median": nan_to_none(median([p["ttft"] for p in self._plain]))},
             "rows": rows,
             "wall_seconds": time.perf_counter() - start,
         }
@@ -451,7 +274,7 @@ class BenchRunner:
             self.backend.reset_session()
         reply = generate_reply(self.backend, messages, self.config.answer_tokens, self.config.seed,
                                fresh_cache=history is None or len(history) == 0)
-        record = _probe_record(prompt, source, reply, self._plain[j])
+        record = probe_record(prompt, source, reply, self._plain[j])
         if plain is not None:
             record["paired_plain"] = {"generation_tokens": plain.generated_tokens,
                                       "generation_seconds": plain.generation_seconds, "ttft": plain.ttft}
@@ -482,14 +305,14 @@ class BenchRunner:
             dropped = 0
             for text in (*sc.teach, *sc.distractors) if name != NONE_ROW else ():
                 before = len(engine.messages)
-                turns.append(_turn_record(engine.ask(text)))
+                turns.append(turn_record(engine.ask(text)))
                 dropped += max(0, before + 2 - len(engine.messages))
             record: dict[str, Any] = {"name": sc.name, "query": sc.query, "expect": list(sc.expect), "turns": turns}
             if in_context:
                 histories.append(engine.chat_messages())
                 set_max_tokens(engine, cfg.answer_tokens)
                 before = len(engine.messages)
-                record.update(_answer_record(engine.ask(sc.query)))
+                record.update(answer_record(engine.ask(sc.query)))
                 dropped += max(0, before + 2 - len(engine.messages))
                 record["history_dropped_messages"] = dropped
                 engine.close()
@@ -504,7 +327,7 @@ class BenchRunner:
                 t0 = time.perf_counter()
                 fresh.load_memory(path)
                 row["load_seconds"].append(time.perf_counter() - t0)
-                record.update(_answer_record(fresh.ask(sc.query)))
+                record.update(answer_record(fresh.ask(sc.query)))
                 record["state_bytes"] = size
                 fresh.close()
             record["wall_seconds"] = time.perf_counter() - t_scenario
@@ -560,7 +383,7 @@ class BenchRunner:
                 self.advance(f"{name}: session {s + 1}: {sc.name}")
                 for text in (*sc.teach, *sc.distractors) if name != NONE_ROW else ():
                     before = len(engine.messages)
-                    record = _turn_record(engine.ask(text))
+                    record = turn_record(engine.ask(text))
                     record["session"] = s
                     row["turns"].append(record)
                     dropped += max(0, before + 2 - len(engine.messages))
@@ -591,7 +414,7 @@ class BenchRunner:
                 engine.reset_chat()
                 turn = engine.ask(sc.query)
             row["scenarios"].append({"name": sc.name, "query": sc.query, "expect": list(sc.expect),
-                                     **_answer_record(turn)})
+                                     **answer_record(turn)})
         for j, prompt in enumerate(self.probes):
             self.advance(f"{name}: probes")
             if in_context:
