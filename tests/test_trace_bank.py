@@ -22,6 +22,7 @@ from lmm.backends.attention_memory import ExtraKV
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory.base import LearnBatch
 from lmm.memory.trace_bank import TraceBank, TraceBankConfig, statements
+from lmm.memory.traces import speaks_first_person
 from lmm.testing import FAMILIES
 
 try:
@@ -123,9 +124,17 @@ def test_write_gate_keeps_first_person_statements_without_questions() -> None:
     assert statements("Is it true? I doubt it.") == "I doubt it."
 
 
+def test_read_gate_is_first_person() -> None:
+    assert speaks_first_person("What is my name?") and speaks_first_person("Remind me of the plan.")
+    assert speaks_first_person("Where do we live?") and speaks_first_person("Tell us’ what I said")
+    assert not speaks_first_person("What is the capital of France?")
+    assert not speaks_first_person("Mimes and images.")  # "me"/"i" only as whole words
+
+
 @pytest.mark.parametrize("field, value", [
     ("threshold", 1.5), ("threshold", float("nan")), ("start_layer", -2), ("routing_layer", -2), ("max_traces", 0),
-    ("max_trace_tokens", 3), ("dedupe", 1.5), ("dtype", "int8"),
+    ("max_trace_tokens", 3), ("dedupe", 1.5), ("dtype", "int8"), ("sentence_threshold", 1.5),
+    ("sentence_layer", -2), ("max_query_sentences", -1), ("read_gain", 0),
 ])
 def test_config_rejects_bad_values(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
@@ -171,7 +180,7 @@ def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, 
     import torch
 
     be = backend("torch", tiny_models, family)
-    eng = engine(be, start_layer=0, threshold=0.99, sentence_threshold=1.0, scaffold=scaffold)
+    eng = engine(be, start_layer=0, threshold=0.99, sentence_threshold=1.0, scaffold=scaffold, read_gain=1)
     try:
         teach(eng, FACT)
         trace = bank(eng).traces[0]
@@ -392,5 +401,36 @@ def test_a_sentence_inside_a_longer_message_routes_on_its_own(max_sentences: int
         assert bank(eng).last_route["retrieved"] == (max_sentences > 0)
         if max_sentences:
             assert tokens[0] == pytest.approx(whole_tokens[0]) and sentences[0] == pytest.approx(whole_sentences[0])
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_read_gate_keeps_impersonal_prompts_plain(gate: bool, tiny_models: dict[str, Path]) -> None:
+    """With the gate, a message that does not speak of the user is never routed (its reply is the plain
+    model's); without it, the same message routes (thresholds at -1: everything routes)."""
+    be = backend("torch", tiny_models)
+    impersonal = "Alice lives in Paris."
+    plain = plain_reply(be, impersonal)
+    eng = engine(be, threshold=-1, sentence_threshold=-1, read_gate=gate)
+    try:
+        teach(eng, FACT)
+        got = reply(eng, impersonal)
+        assert bank(eng).last_route["retrieved"] == (not gate)
+        assert (got == plain) if gate else (be.extra_kv is not None)
+    finally:
+        eng.close()
+
+
+def test_read_gain_repeats_each_trace_token(tiny_models: dict[str, Path]) -> None:
+    be = backend("torch", tiny_models)
+    eng = engine(be, read_gain=3)
+    try:
+        teach(eng, FACT)
+        trace = bank(eng).traces[0]
+        keys, values = bank(eng)._extra(trace).layers[0]
+        n = trace.keys.shape[2]
+        assert keys.shape[2] == values.shape[2] == 3 * n
+        np.testing.assert_array_equal(keys[0, :, :n].numpy(), keys[0, :, 2 * n:].numpy())
     finally:
         eng.close()

@@ -17,10 +17,12 @@ query token takes its best cosine over the trace's tokens; the mean is weighted 
 the query token is to every token of built-in neutral sentences, so "what is my" counts little;
 states centred by those sentences' mean) and a sentence-level score (cosine of the centred mean
 states, which links paraphrases such as "I am Ada" and "what is my name"). A message of several
-sentences is also scored sentence by sentence (the best counts). The trace furthest above
-`threshold` or `sentence_threshold` is handed to the backend as extra keys/values: the
-attention of layers >= `start_layer` reads them before its own, seen by every chat position
-after the system prompt. Positions are not shifted: the trace overlaps the first chat
+sentences is also scored sentence by sentence (the best counts). Only messages that speak of
+the user (I, my, me, we ...: the read gate) are routed. The trace furthest above `threshold`
+or `sentence_threshold` is handed to the backend as extra keys/values: the attention of layers
+>= `start_layer` reads them before its own, each token `read_gain` times (default 2: on the
+development set 18 of 32 facts and 10 of 10 smoke-test names, against 16 and 7 at 1), seen by
+every chat position after the system prompt. Positions are not shifted: the trace overlaps the first chat
 positions, relative distances as if the statement opened the chat. With nothing retrieved, the
 backend runs its plain path, so replies to unrelated prompts are bit-identical to the model
 without memory. The thresholds were chosen on that development set and 67 unrelated prompts
@@ -62,6 +64,7 @@ from lmm.memory.traces import (
     late_interaction,
     normalize,
     pack_traces,
+    speaks_first_person,
     statements,
     unpack_traces,
 )
@@ -80,6 +83,8 @@ class TraceBankConfig(MemoryConfig):
     sentence_threshold: float = 0.28  # ... or the cosine of whole-turn mean states reaches this
     sentence_layer: int = -1  # layer whose input states give the whole-turn means; -1: the hooked layer
     max_query_sentences: int = 4  # the first sentences of a longer message also route on their own
+    read_gate: bool = True  # read only for messages that speak in the first person (I, my, me, we ...)
+    read_gain: int = 2  # each trace token is read this many times: its attention weight times read_gain
     max_traces: int = 256
     max_trace_tokens: int = 96  # longer statements are not stored
     dedupe: float = 0.9  # a new statement matching a stored one both ways at >= this replaces it
@@ -100,6 +105,8 @@ class TraceBankConfig(MemoryConfig):
             raise ValueError(f"sentence_layer must be >= 0 (or -1 for the hooked layer), got {self.sentence_layer}")
         if self.max_query_sentences < 0:
             raise ValueError(f"max_query_sentences must be >= 0, got {self.max_query_sentences}")
+        if self.read_gain < 1:
+            raise ValueError(f"read_gain must be >= 1, got {self.read_gain}")
         if self.max_traces < 1:
             raise ValueError(f"max_traces must be >= 1, got {self.max_traces}")
         if self.max_trace_tokens < 4:
@@ -354,6 +361,8 @@ class TraceBank(MemoryModule):
             self.backend.set_extra_kv(None)
             return
         text = self._last_user_text(prompt_ids)
+        if text and self.cfg.read_gate and not speaks_first_person(text):
+            text = None  # memory of what the user said is read for messages about the user
         self._select(text, count_use=True)
 
     def _select(self, text: str | None, count_use: bool = False) -> None:
@@ -381,8 +390,10 @@ class TraceBank(MemoryModule):
     def _extra(self, trace: Trace) -> ExtraKV:
         extra = self._extras.get(trace.uid)
         if extra is None:
-            layers = {layer: (self.ops.asarray(trace.keys[s][None], dtype="float32"),
-                              self.ops.asarray(trace.values[s][None], dtype="float32"))
+            # Repeating a key k times adds log(k) to its attention logit: a gain without a custom mask.
+            gain = self.cfg.read_gain
+            layers = {layer: (self.ops.asarray(np.tile(trace.keys[s], (1, gain, 1))[None], dtype="float32"),
+                              self.ops.asarray(np.tile(trace.values[s], (1, gain, 1))[None], dtype="float32"))
                       for s, layer in enumerate(self.kv_layers)}
             extra = ExtraKV(key=(id(self), trace.uid), layers=layers, visible_from=trace.start)
             self._extras[trace.uid] = extra

@@ -45,6 +45,13 @@ _FIRST_PERSON = re.compile(
     r"(?<![\w'])(i|i'm|i've|i'd|i'll|im|my|mine|myself|we|we're|we've|we'd|we'll|our|ours|ourselves)(?![\w'])",
     re.IGNORECASE,
 )
+_ME = re.compile(r"(?<![\w'])(me|us)(?![\w'])", re.IGNORECASE)
+
+
+def speaks_first_person(text: str) -> bool:
+    """The read gate: does a message speak of its writer (I, my, me, we, our ...)?"""
+    text = text.replace("\u2019", "'")
+    return bool(_FIRST_PERSON.search(text) or _ME.search(text))
 
 
 def statements(text: str) -> str:
