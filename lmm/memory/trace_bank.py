@@ -40,6 +40,7 @@ traces assume the template's default system prompt.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ from lmm.ops import Array, Ops
 __all__ = ["TraceBank", "TraceBankConfig", "statements"]
 
 _MARK = "\u2063TRACE\u2063"
+# Per backend (weakly held): calibration states by (kind, layer); see TraceBank._calibration.
+_CALIBRATION: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], np.ndarray]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -223,16 +226,26 @@ class TraceBank(MemoryModule):
         states = self.ops.to_numpy(hidden).astype(np.float32)
         return states[content] if content else states[-1:]
 
-    def _calibration_states(self) -> np.ndarray:
-        rows = []
-        for text in CALIBRATION:
-            ids, _, content = self._turn(text)
-            rows.append(self._route_states(self.backend.capture(ids, hidden_layer=self.routing).hidden, content))
-        return np.concatenate(rows)
+    def _calibration(self, kind: str) -> np.ndarray:
+        """States of the neutral CALIBRATION messages: "tokens" (content tokens entering `routing`) or
+        "sentences" (turn means entering `sentence_layer`). They depend on the frozen model only, so
+        they are computed once per backend and layer, not per module (a fresh engine routes at once)."""
+        layer = self.routing if kind == "tokens" else self.sentence_layer
+        memo = _CALIBRATION.setdefault(self.backend, {})
+        if (kind, layer) not in memo:
+            rows = []
+            for text in CALIBRATION:
+                ids, start, content = self._turn(text)
+                if kind == "tokens":
+                    rows.append(self._route_states(self.backend.capture(ids, hidden_layer=layer).hidden, content))
+                else:
+                    rows.append(self._sentence_state(ids, start)[None])
+            memo[(kind, layer)] = np.concatenate(rows)
+        return memo[(kind, layer)]
 
     def _ensure_center(self) -> np.ndarray:
         if self.center is None:
-            self.center = self._calibration_states().mean(axis=0).astype(np.float32)
+            self.center = self._calibration("tokens").mean(axis=0).astype(np.float32)
         return self.center
 
     def _sentence_state(self, ids: list[int], start: int) -> np.ndarray:
@@ -240,17 +253,20 @@ class TraceBank(MemoryModule):
         hidden = self.backend.capture(ids, hidden_layer=self.sentence_layer).hidden
         return self.ops.to_numpy(hidden).astype(np.float32)[start:].mean(axis=0)
 
-    def _sentence_query(self, text: str) -> np.ndarray:
+    def _ensure_sentence_center(self) -> np.ndarray:
         if self._sentence_center is None:
-            self._sentence_center = np.mean([self._sentence_state(*self._turn(t)[:2]) for t in CALIBRATION], axis=0)
+            self._sentence_center = self._calibration("sentences").mean(axis=0)
+        return self._sentence_center
+
+    def _sentence_query(self, text: str) -> np.ndarray:
         ids, start, _ = self._turn(text)
-        return normalize(self._sentence_state(ids, start) - self._sentence_center)
+        return normalize(self._sentence_state(ids, start) - self._ensure_sentence_center())
 
     def _token_weights(self, query: np.ndarray) -> np.ndarray:
         """How specific each (normalised, centred) query token is: 1 - its best cosine to any token
         of the generic calibration messages, so "what is my" weighs little and "brother" much."""
         if self._generic is None:
-            self._generic = normalize(self._calibration_states() - self._ensure_center())
+            self._generic = normalize(self._calibration("tokens") - self._ensure_center())
         return np.clip(1.0 - (query @ self._generic.T).max(axis=1), 0.0, None)
 
     def _query_states(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -269,9 +285,8 @@ class TraceBank(MemoryModule):
 
     def _sentence_index(self) -> np.ndarray:
         if self._sentences is None:
-            self._sentence_query("")  # computes the centre
             stacked = np.stack([t.sentence.astype(np.float32) for t in self.traces])
-            self._sentences = normalize(stacked - self._sentence_center)
+            self._sentences = normalize(stacked - self._ensure_sentence_center())
         return self._sentences
 
     def _routing_index(self) -> tuple[np.ndarray, np.ndarray]:
