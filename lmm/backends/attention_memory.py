@@ -52,10 +52,10 @@ class ExtraKV:
 
 @dataclass
 class Captured:
-    """What `Backend.capture` returns: hidden states [T, d] entering `hidden_layer` (None if not
-    asked) and, per asked layer, the RoPE-applied (keys, values) [1, n_kv_heads, T, head_dim]."""
+    """What `Backend.capture` returns: per asked layer, the hidden states [T, d] entering it and
+    the RoPE-applied (keys, values) [1, n_kv_heads, T, head_dim]."""
 
-    hidden: Array | None = None
+    hidden: dict[int, Array] = field(default_factory=dict)
     kv: dict[int, tuple[Array, Array]] = field(default_factory=dict)
 
 
@@ -71,8 +71,8 @@ class AttentionPlan:
     visible_from: int = 0
     offset: int | None = 0  # absolute position of the forward's first token (None: kv length - q length)
     capture_kv: frozenset[int] = frozenset()
-    hidden_layer: int | None = None
-    stop_after_hidden: bool = False
+    hidden_layers: frozenset[int] = frozenset()
+    stop_after_hidden: bool = False  # stop once the deepest of hidden_layers is captured
     captured: Captured = field(default_factory=Captured)
 
 
@@ -231,9 +231,9 @@ def _mlx_layer_class(original: type) -> type:
         index = None if plan is None else getattr(_LOCAL, "mlx_index", {}).get(id(self))
         if plan is None or index is None:
             return original.__call__(self, x, *args, **kwargs)
-        if index == plan.hidden_layer:
-            plan.captured.hidden = x[0]
-            if plan.stop_after_hidden:
+        if index in plan.hidden_layers:
+            plan.captured.hidden[index] = x[0]
+            if plan.stop_after_hidden and index == max(plan.hidden_layers):
                 raise StopForward
         args = list(args)
         has_mask_arg, has_cache_arg = len(args) > 0, len(args) > 1
@@ -265,8 +265,7 @@ def _mlx_layer_class(original: type) -> type:
 def mlx_layer_scope(layers: Any, plan: AttentionPlan) -> Iterator[AttentionPlan]:
     """Within the scope, the layers `plan` involves read it on this thread; classes restored after."""
     wanted = set(plan.inject) | set(plan.capture_kv)
-    if plan.hidden_layer is not None:
-        wanted.add(plan.hidden_layer)
+    wanted |= plan.hidden_layers
     swapped: list[tuple[Any, type]] = []
     previous_index = getattr(_LOCAL, "mlx_index", None)
     _LOCAL.mlx_index = {id(layers[i]): i for i in wanted}

@@ -184,11 +184,12 @@ class Backend(ABC):
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         raise BackendError(f"{self.name} has no beam search")
 
-    def capture(self, ids: Sequence[int], *, hidden_layer: int | None = None,
+    def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = ()) -> Captured:
         """Run the frozen model (memory hook bypassed, no extra keys/values) on `ids` from an empty
-        cache; return the hidden states entering `hidden_layer` and the keys/values of `kv_layers`.
-        Stops after `hidden_layer` when no keys/values are asked for."""
+        cache; return the hidden states entering each of `hidden_layers` and the keys/values of
+        `kv_layers`, all from one forward. Stops after the deepest hidden layer when no keys/values
+        are asked for."""
         raise BackendError(f"{self.name} cannot capture layer states")
 
     # --- attention memory ----------------------------------------------------------

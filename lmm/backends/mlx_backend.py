@@ -219,11 +219,11 @@ class MlxBackend(Backend):
             mx.eval(logits)
         return logits
 
-    def capture(self, ids: Sequence[int], *, hidden_layer: int | None = None,
+    def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = ()) -> Captured:
         if not ids:
             raise BackendError("capture needs at least one token")
-        plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layer=hidden_layer,
+        plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layers=frozenset(hidden_layers),
                              stop_after_hidden=not kv_layers)
         self._keep = mx.array([len(ids) - 1], dtype=mx.int32)
         self._bypass_hook = True
@@ -237,5 +237,5 @@ class MlxBackend(Backend):
             self._bypass_hook = False
             self._keep = None
         captured = plan.captured
-        mx.eval(captured.hidden if captured.hidden is not None else mx.array(0), captured.kv)
+        mx.eval(captured.hidden, captured.kv)
         return captured

@@ -231,22 +231,25 @@ class TorchBackend(Backend):
                              **{self._cache_kw: cache})
         return out.logits[0].float()
 
-    def capture(self, ids: Sequence[int], *, hidden_layer: int | None = None,
+    def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = ()) -> Captured:
         if not ids:
             raise BackendError("capture needs at least one token")
         if kv_layers:
             enable_torch_attention(self.model)
-        plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layer=hidden_layer)
-        handle = None
-        if hidden_layer is not None:
-            def before_layer(_module: Any, args: Any, kwargs: Any) -> None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                plan.captured.hidden = hidden[0].detach().clone()
-                if not kv_layers:
-                    raise StopForward
+        plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layers=frozenset(hidden_layers))
+        deepest = max(hidden_layers, default=None)
 
-            handle = self.layers[hidden_layer].register_forward_pre_hook(before_layer, with_kwargs=True)
+        def before_layer(index: int) -> Any:
+            def hook(_module: Any, args: Any, kwargs: Any) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                plan.captured.hidden[index] = hidden[0].detach().clone()
+                if not kv_layers and index == deepest:
+                    raise StopForward
+            return hook
+
+        handles = [self.layers[i].register_forward_pre_hook(before_layer(i), with_kwargs=True)
+                   for i in plan.hidden_layers]
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         self._bypass_hook = True
         try:
@@ -257,7 +260,7 @@ class TorchBackend(Backend):
             pass
         finally:
             self._bypass_hook = False
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         return plan.captured
 

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from lmm.backends.attention_memory import ExtraKV
+from lmm.backends.attention_memory import Captured, ExtraKV
 from lmm.memory.base import (
     LearnBatch,
     LearnResult,
@@ -74,8 +74,9 @@ from lmm.ops import Array, Ops
 __all__ = ["TraceBank", "TraceBankConfig", "statements"]
 
 _MARK = "\u2063TRACE\u2063"
-# Per backend (weakly held): calibration states by (kind, layer); see TraceBank._calibration.
-_CALIBRATION: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], np.ndarray]] = weakref.WeakKeyDictionary()
+# Per backend (weakly held): calibration states by (routing, sentence) layer; see TraceBank._calibration.
+_CALIBRATION: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]] = (
+    weakref.WeakKeyDictionary())
 
 
 @dataclass
@@ -226,61 +227,58 @@ class TraceBank(MemoryModule):
         states = self.ops.to_numpy(hidden).astype(np.float32)
         return states[content] if content else states[-1:]
 
-    def _calibration(self, kind: str) -> np.ndarray:
-        """States of the neutral CALIBRATION messages: "tokens" (content tokens entering `routing`) or
-        "sentences" (turn means entering `sentence_layer`). They depend on the frozen model only, so
-        they are computed once per backend and layer, not per module (a fresh engine routes at once)."""
-        layer = self.routing if kind == "tokens" else self.sentence_layer
+    def _encode(self, ids: list[int], start: int, content: list[int],
+                kv_layers: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, Captured]:
+        """One frozen forward of a turn: its routing states (content tokens entering `routing`), its
+        sentence state (mean of the turn entering `sentence_layer`), and the capture itself."""
+        cap = self.backend.capture(ids, hidden_layers=(self.routing, self.sentence_layer), kv_layers=kv_layers)
+        route = self._route_states(cap.hidden[self.routing], content)
+        sentence = self.ops.to_numpy(cap.hidden[self.sentence_layer]).astype(np.float32)[start:].mean(axis=0)
+        return route, sentence, cap
+
+    def _calibration(self) -> tuple[np.ndarray, np.ndarray]:
+        """Routing states (all content tokens) and sentence states of the neutral CALIBRATION
+        messages. They depend on the frozen model only, so they are computed once per backend and
+        layer pair, not per module (a fresh engine routes at once)."""
         memo = _CALIBRATION.setdefault(self.backend, {})
-        if (kind, layer) not in memo:
-            rows = []
-            for text in CALIBRATION:
-                ids, start, content = self._turn(text)
-                if kind == "tokens":
-                    rows.append(self._route_states(self.backend.capture(ids, hidden_layer=layer).hidden, content))
-                else:
-                    rows.append(self._sentence_state(ids, start)[None])
-            memo[(kind, layer)] = np.concatenate(rows)
-        return memo[(kind, layer)]
+        layers = (self.routing, self.sentence_layer)
+        if layers not in memo:
+            encoded = [self._encode(*self._turn(text))[:2] for text in CALIBRATION]
+            memo[layers] = (np.concatenate([r for r, _ in encoded]), np.stack([s for _, s in encoded]))
+        return memo[layers]
 
     def _ensure_center(self) -> np.ndarray:
         if self.center is None:
-            self.center = self._calibration("tokens").mean(axis=0).astype(np.float32)
+            self.center = self._calibration()[0].mean(axis=0).astype(np.float32)
         return self.center
-
-    def _sentence_state(self, ids: list[int], start: int) -> np.ndarray:
-        """Mean state entering `sentence_layer` over the user turn (template tokens included)."""
-        hidden = self.backend.capture(ids, hidden_layer=self.sentence_layer).hidden
-        return self.ops.to_numpy(hidden).astype(np.float32)[start:].mean(axis=0)
 
     def _ensure_sentence_center(self) -> np.ndarray:
         if self._sentence_center is None:
-            self._sentence_center = self._calibration("sentences").mean(axis=0)
+            self._sentence_center = self._calibration()[1].mean(axis=0)
         return self._sentence_center
-
-    def _sentence_query(self, text: str) -> np.ndarray:
-        ids, start, _ = self._turn(text)
-        return normalize(self._sentence_state(ids, start) - self._ensure_sentence_center())
 
     def _token_weights(self, query: np.ndarray) -> np.ndarray:
         """How specific each (normalised, centred) query token is: 1 - its best cosine to any token
         of the generic calibration messages, so "what is my" weighs little and "brother" much."""
         if self._generic is None:
-            self._generic = normalize(self._calibration("tokens") - self._ensure_center())
+            self._generic = normalize(self._calibration()[0] - self._ensure_center())
         return np.clip(1.0 - (query @ self._generic.T).max(axis=1), 0.0, None)
 
     def _query_states(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(normalised centred routing states of the content tokens, normalised centred sentence state)."""
         cached = self._queries.get(text)
         if cached is None:
-            ids, _, content = self._turn(text)
-            states = self._route_states(self.backend.capture(ids, hidden_layer=self.routing).hidden, content)
-            cached = (normalize(states - self._ensure_center()), self._sentence_query(text))
-            self._queries[text] = cached
-            while len(self._queries) > 32:
-                self._queries.popitem(last=False)
+            ids, start, content = self._turn(text)
+            cached = self._remember_query(text, *self._encode(ids, start, content)[:2])
         else:
             self._queries.move_to_end(text)
+        return cached
+
+    def _remember_query(self, text: str, route: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cached = (normalize(route - self._ensure_center()), normalize(sentence - self._ensure_sentence_center()))
+        self._queries[text] = cached
+        while len(self._queries) > 32:
+            self._queries.popitem(last=False)
         return cached
 
     def _sentence_index(self) -> np.ndarray:
@@ -326,15 +324,13 @@ class TraceBank(MemoryModule):
         if len(ids) - start > self.cfg.max_trace_tokens:
             self.last_write = f"not stored (longer than {self.cfg.max_trace_tokens} tokens)"
             return LearnResult(steps=0, losses=[], grad_norms={})
-        self._ensure_center()
-        cap = self.backend.capture(ids, hidden_layer=self.routing, kv_layers=self.kv_layers)
+        route, sentence, cap = self._encode(ids, start, content, kv_layers=self.kv_layers)
         dtype = np.dtype(self.cfg.dtype)
         keep = np.arange(start, len(ids)) if self.cfg.scaffold or not content else np.asarray(content)
         keys = np.stack([self.ops.to_numpy(cap.kv[i][0])[0][:, keep] for i in self.kv_layers]).astype(dtype)
         values = np.stack([self.ops.to_numpy(cap.kv[i][1])[0][:, keep] for i in self.kv_layers]).astype(dtype)
         trace = Trace(token_ids=np.asarray(ids, dtype=np.int32)[keep], keys=keys, values=values,
-                      route=self._route_states(cap.hidden, content).astype(dtype),
-                      sentence=self._sentence_state(ids, start).astype(dtype), start=start,
+                      route=route.astype(dtype), sentence=sentence.astype(dtype), start=start,
                       written=self.clock, used=self.clock)
         self.clock += 1
         replaced = self._duplicate_of(trace)
@@ -342,8 +338,10 @@ class TraceBank(MemoryModule):
             del self.traces[replaced]
         self._add(trace)
         self.last_write = f"{'replaced a trace with' if replaced is not None else 'stored'}: {stored}"
-        # The memory now reads this statement back when it is asked about it: route on it, so
-        # the learner's loss after the update is the loss with the new trace read.
+        # The memory now reads this statement back when it is asked about it: route on it (its
+        # query states are the ones just computed), so the learner's loss after the update is
+        # the loss with the new trace read.
+        self._remember_query(stored, route, sentence)
         self._select(stored)
         return LearnResult(steps=0, losses=[], grad_norms={})
 
