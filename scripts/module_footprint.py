@@ -8,15 +8,12 @@ the wall time, all measured in one run so the modules can be compared.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
-from lmm.backends import DecodingConfig, load_backend
-from lmm.bench.metrics import p95
-from lmm.engine import ChatEngine, EngineConfig
+from lmm.bench.engines import load_shared_backend, new_engine
+from lmm.bench.metrics import median, p95
 from lmm.memory import memory_names
-from lmm.models import resolve_model
 
 MESSAGES = [
     "My name is Jonas and I repair bicycles for a living.", "Can you explain how tides work?",
@@ -37,22 +34,19 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20)
     parser.add_argument("--reply-tokens", type=int, default=16)
     args = parser.parse_args()
-    resolved = resolve_model(None)
-    backend = load_backend(args.backend, resolved.path, resolved.model_id)
+    backend = load_shared_backend(args.backend, None)
     print(f"{args.messages} user messages, replies of {args.reply_tokens} tokens, {args.backend}")
     print(f"{'module':<16} {'state bytes':>12} {'update median':>14} {'update p95':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.modules.split(","):
-            engine = ChatEngine(EngineConfig(memory=name, activation_log_path=None, background_updates=False,
-                                             decoding=DecodingConfig(max_tokens=args.reply_tokens)),
-                                backend=backend)
+            engine = new_engine(backend, name, None, max_tokens=args.reply_tokens, seed=0)
             times = []
             for text in (MESSAGES * 2)[: args.messages]:
                 turn = engine.ask(text)
                 times.append(turn.update.seconds)
             path = engine.save_memory(Path(tmp) / f"{name}.safetensors")
             engine.close()
-            print(f"{name:<16} {path.stat().st_size:>12,} {statistics.median(times):>13.3f}s {p95(times):>10.3f}s")
+            print(f"{name:<16} {path.stat().st_size:>12,} {median(times):>13.3f}s {p95(times):>10.3f}s")
 
 
 if __name__ == "__main__":
