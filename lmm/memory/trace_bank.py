@@ -162,13 +162,17 @@ class TraceBank(MemoryModule):
             raise StateError(f"trace_bank state holds {self.traces[0].keys.shape[0]} layers of keys, "
                              f"this model reads {n - self.start}")
 
-    @property
-    def start(self) -> int:
-        if self.cfg.start_layer >= 0:
-            return self.cfg.start_layer
+    def _or_hooked(self, layer: int) -> int:
+        """A configured layer, or the hooked one for -1."""
+        if layer >= 0:
+            return layer
         if self.layer is None:
             raise RuntimeError("trace_bank is not attached to a backend")
         return self.layer
+
+    @property
+    def start(self) -> int:
+        return self._or_hooked(self.cfg.start_layer)
 
     @property
     def routing(self) -> int:
@@ -176,11 +180,7 @@ class TraceBank(MemoryModule):
 
     @property
     def sentence_layer(self) -> int:
-        if self.cfg.sentence_layer >= 0:
-            return self.cfg.sentence_layer
-        if self.layer is None:
-            raise RuntimeError("trace_bank is not attached to a backend")
-        return self.layer
+        return self._or_hooked(self.cfg.sentence_layer)
 
     @property
     def kv_layers(self) -> list[int]:
