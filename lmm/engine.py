@@ -103,7 +103,8 @@ class ChatEngine:
         self.created_at = now_iso()
         self.last_update: UpdateSummary | None = None
         self.history: list[TurnResult] = []  # every turn of this engine, with its update once applied
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmm-update")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmm-update",
+                                            initializer=backend.prepare_thread)
         self._pending: Future[UpdateSummary] | None = None
         self.module = create_memory(config.memory, hidden_size=backend.hidden_size, ops=backend.ops,
                                     seed=config.seed, options=config.memory_options)

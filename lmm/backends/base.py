@@ -184,6 +184,10 @@ class Backend(ABC):
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         raise BackendError(f"{self.name} has no beam search")
 
+    def prepare_thread(self) -> None:
+        """Run once on every thread, other than the loading one, that will use this backend (the
+        engine's update thread). The default needs nothing."""
+
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = ()) -> Captured:
         """Run the frozen model (memory hook bypassed, no extra keys/values) on `ids` from an empty

@@ -108,6 +108,13 @@ class MlxBackend(Backend):
     def __init__(self, model_path: Path, model_id: str, *, local_files_only: bool = True) -> None:
         super().__init__()
         from mlx_lm.utils import load_model
+
+        # mlx >= 0.31 binds its default streams to the thread that made them: a lazy array built on
+        # the chat thread fails to evaluate on the update thread ("There is no Stream(cpu, 0) in
+        # current thread"). One stream usable from any thread, made the default on both, fixes
+        # that; the engine never runs the two threads' mlx work at the same time.
+        self._stream = mx.new_thread_unsafe_stream(mx.default_device())
+        mx.set_default_stream(self._stream)
         from transformers import AutoTokenizer
 
         try:
@@ -142,6 +149,9 @@ class MlxBackend(Backend):
             return h if backend._keep is None else h[:, backend._keep]
 
         inner.__class__ = type(f"Sliced{original.__name__}", (original,), {"__call__": __call__})
+
+    def prepare_thread(self) -> None:
+        mx.set_default_stream(self._stream)
 
     # --- hook ------------------------------------------------------------------------
     def install_hook(self, layer: int, hook: HookFn) -> None:
