@@ -3,17 +3,17 @@
 Owns the flags, turning them into an `EngineConfig`, choosing the memory paths, the
 interactive/piped split (a terminal gets the REPL, anything else reads one message per
 line) and the exit rules: `exit`, `quit`, `/exit` and EOF save; Ctrl+C at the prompt
-leaves without saving and says so. Fatal problems print one line and exit non-zero.
+leaves without keeping the session's changes and says so. Fatal problems print one line
+and exit non-zero. The help is plain argparse: every flag shows in full at any width.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
-
-import typer
+from typing import NoReturn
 
 from lmm.backends import BackendError, DecodingConfig
 from lmm.commands import is_command, run_command
@@ -23,16 +23,69 @@ from lmm.session import ChatSession
 from lmm.state import StateFileError
 
 EXIT_WORDS = {"exit", "quit"}
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    print(f"lmm: error: {message}", file=sys.stderr)
-    return typer.Exit(code)
+_DECODING = DecodingConfig()
 
 
 def _notice(message: str) -> None:
     print(f"lmm: {message}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, exit 2 (argparse's default prints the whole usage block first)."""
+        self.exit(2, f"lmm: error: {message} (see python -m lmm.chat --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m lmm.chat",
+                description="Chat with a local model whose memory lives inside the model.")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", metavar="PATH_OR_ID", help="local Hugging Face folder or hub id "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    m.add_argument("--local-files-only", action="store_true", help="never use the network")
+    m.add_argument("--backend", default="auto", metavar="NAME",
+                   help="auto, mlx_lm or torch (default: auto, mlx_lm on Apple Silicon)")
+    m.add_argument("--device", default="auto", metavar="NAME", help="torch: auto, cpu, cuda or mps")
+    m.add_argument("--dtype", default="auto", metavar="NAME", help="torch: auto, float32, float16 or bfloat16")
+
+    mem = p.add_argument_group("memory")
+    mem.add_argument("--memory", default="identity", metavar="NAME", help="memory module (default: identity)")
+    mem.add_argument("--mm-opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="module option, repeatable (e.g. --mm-opt rank=16)")
+    mem.add_argument("--layer", type=int, metavar="N", help="hooked decoder layer (default: the middle one)")
+    mem.add_argument("--user", metavar="NAME", help="keep memory per user under artifacts/users/NAME/")
+    mem.add_argument("--mm-load-path", type=Path, metavar="PATH", help="memory state to load at start")
+    mem.add_argument("--mm-save-path", type=Path, metavar="PATH", help="where to save the memory at exit")
+    mem.add_argument("--mm-path", type=Path, metavar="PATH", help="sets both the load and the save path")
+    mem.add_argument("--incognito", action="store_true", help="no updates, nothing written")
+
+    d = p.add_argument_group("decoding")
+    d.add_argument("--seed", type=int, default=0, metavar="N", help="module init and sampling seed (default 0)")
+    d.add_argument("--deterministic", dest="deterministic", action="store_true", default=True,
+                   help="greedy decoding (the default)")
+    d.add_argument("--non-deterministic", dest="deterministic", action="store_false",
+                   help="sample with --temperature and --top-p")
+    d.add_argument("--decoding-strategy", default="auto", metavar="NAME",
+                   help="auto, greedy, beam or sample (auto follows --deterministic)")
+    d.add_argument("--temperature", type=float, default=_DECODING.temperature, metavar="T",
+                   help=f"sampling temperature (default {_DECODING.temperature})")
+    d.add_argument("--top-p", type=float, default=_DECODING.top_p, metavar="P",
+                   help=f"nucleus sampling mass (default {_DECODING.top_p})")
+    d.add_argument("--max-tokens", type=int, default=_DECODING.max_tokens, metavar="N",
+                   help=f"longest reply in tokens (default {_DECODING.max_tokens})")
+    d.add_argument("--num-beams", type=int, default=_DECODING.num_beams, metavar="N",
+                   help=f"beams for --decoding-strategy beam (default {_DECODING.num_beams})")
+    d.add_argument("--repetition-penalty", type=float, default=_DECODING.repetition_penalty, metavar="F",
+                   help=f"penalise tokens repeated within the reply, which stops loops (default "
+                        f"{_DECODING.repetition_penalty}; 1 turns it off)")
+    d.add_argument("--system-prompt", metavar="TEXT", help="system prompt")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--json", dest="as_json", action="store_true", help="piped mode: one JSON object per turn")
+    o.add_argument("--activation-log-path", type=Path, default=Path("logs/memory_activations.jsonl"),
+                   metavar="PATH", help="JSONL log of activations and updates (default: %(default)s)")
+    o.add_argument("--no-activation-log", action="store_true", help="log updates only")
+    return p
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -45,69 +98,52 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-@app.command()
-def main(
-    model: Annotated[str | None, typer.Option(help="Local HF folder or hub id (default: embedded SmolLM2)")] = None,
-    backend: Annotated[str, typer.Option(help="auto | mlx_lm | torch")] = "auto",
-    device: Annotated[str, typer.Option(help="torch device: auto | cpu | cuda | mps")] = "auto",
-    dtype: Annotated[str, typer.Option(help="torch dtype: auto | float32 | float16 | bfloat16")] = "auto",
-    local_files_only: Annotated[bool, typer.Option("--local-files-only", help="Never use the network")] = False,
-    memory: Annotated[str, typer.Option(help="Memory module name")] = "identity",
-    mm_opt: Annotated[list[str] | None, typer.Option("--mm-opt", help="Module option key=value (repeatable)")] = None,
-    layer: Annotated[int | None, typer.Option(help="Hooked decoder layer (default: the middle one)")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for module init and sampling")] = 0,
-    system_prompt: Annotated[str | None, typer.Option(help="System prompt")] = None,
-    deterministic: Annotated[bool, typer.Option("--deterministic/--non-deterministic")] = True,
-    decoding_strategy: Annotated[str, typer.Option(help="auto | greedy | beam | sample")] = "auto",
-    temperature: Annotated[float, typer.Option()] = 0.7,
-    top_p: Annotated[float, typer.Option()] = 0.9,
-    max_tokens: Annotated[int, typer.Option()] = 256,
-    num_beams: Annotated[int, typer.Option(help="Beams for --decoding-strategy beam")] = 4,
-    mm_load_path: Annotated[Path | None, typer.Option(help="Memory state to load at start")] = None,
-    mm_save_path: Annotated[Path | None, typer.Option(help="Where to save the memory at exit")] = None,
-    mm_path: Annotated[Path | None, typer.Option(help="Legacy: sets both load and save path")] = None,
-    user: Annotated[str | None, typer.Option(help="Keep memory per user under artifacts/users/NAME/")] = None,
-    incognito: Annotated[bool, typer.Option("--incognito", help="No updates, nothing saved")] = False,
-    activation_log_path: Annotated[Path, typer.Option()] = Path("logs/memory_activations.jsonl"),
-    no_activation_log: Annotated[bool, typer.Option("--no-activation-log", help="Log updates only")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Piped mode: one JSON object per turn")] = False,
-) -> None:
-    """Chat with a local model whose memory lives in a middle layer."""
-    load_path = mm_load_path or mm_path
-    save_path = mm_save_path or mm_path
-    if user is not None and (load_path or save_path):
-        raise _fail("--user chooses the memory paths itself; do not combine it with --mm-*-path")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    load_path = args.mm_load_path or args.mm_path
+    save_path = args.mm_save_path or args.mm_path
+    if args.user is not None and (load_path or save_path):
+        return _fail("--user chooses the memory paths itself; do not combine it with --mm-*-path")
     try:
-        decoding = DecodingConfig(strategy=decoding_strategy, deterministic=deterministic,  # type: ignore[arg-type]
-                                  temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                  num_beams=num_beams, seed=seed)
+        decoding = DecodingConfig(strategy=args.decoding_strategy, deterministic=args.deterministic,
+                                  temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                                  num_beams=args.num_beams, seed=args.seed,
+                                  repetition_penalty=args.repetition_penalty)
         config = EngineConfig(
-            model=model, backend=backend, device=device, dtype=dtype, local_files_only=local_files_only,
-            memory=memory, memory_options=parse_options(mm_opt or []), layer=layer, seed=seed,
-            system_prompt=system_prompt, decoding=decoding, activation_log_path=activation_log_path,
-            log_activations=not no_activation_log,
+            model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+            local_files_only=args.local_files_only, memory=args.memory, memory_options=parse_options(args.mm_opt),
+            layer=args.layer, seed=args.seed, system_prompt=args.system_prompt, decoding=decoding,
+            activation_log_path=args.activation_log_path, log_activations=not args.no_activation_log,
         )
         engine = ChatEngine(config, on_notice=_notice)
-        session = ChatSession(engine, user=user, load_path=load_path, save_path=save_path,
-                              incognito=incognito, notice=_notice)
+        session = ChatSession(engine, user=args.user, load_path=load_path, save_path=save_path,
+                              incognito=args.incognito, notice=_notice)
         session.start()
     except (ModelError, BackendError, StateFileError, ValueError, FileNotFoundError) as exc:
-        raise _fail(str(exc)) from None
+        return _fail(str(exc))
 
-    interactive = sys.stdin.isatty() and not as_json
-    if interactive:
-        from lmm.repl import run_repl
+    try:
+        if sys.stdin.isatty() and not args.as_json:
+            from lmm.repl import run_repl
 
-        code = run_repl(session)
-    else:
-        code = run_piped(session, as_json=as_json)
+            code = run_repl(session)
+        else:
+            code = run_piped(session, as_json=args.as_json)
+    finally:
+        session.close()
     engine.close()
-    raise typer.Exit(code)
+    return code
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"lmm: error: {message}", file=sys.stderr)
+    return code
 
 
 def _finish(session: ChatSession, save: bool) -> None:
     if not save:
-        _notice("interrupted: memory not saved")
+        session.discard()
+        _notice("interrupted: memory not saved (this session's changes are discarded)")
         return
     path = session.save()
     if path is not None:
@@ -153,4 +189,4 @@ def run_piped(session: ChatSession, *, as_json: bool) -> int:
 
 
 if __name__ == "__main__":
-    app()
+    sys.exit(main())

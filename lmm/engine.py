@@ -1,8 +1,9 @@
 """The chat engine: one model, one memory module, one conversation. The Python API.
 
 Owns the conversation (messages, system prompt), the memory module's life cycle (create,
-hook, learn after each user message in the background, save, load, reset), context-window
-trimming and per-turn results. Scripts, benchmarks and the CLI all drive it through
+hook, learn after each user message in the background, save, load, reset), the guard around
+each update (a state that is not finite afterwards is rolled back) and the crash-safe
+autosave after it, context-window trimming and per-turn results. Scripts, benchmarks and the CLI all drive it through
 `ChatEngine`. It holds no UI code: notices go to a callback, text comes back as
 `GenerationResponse` objects.
 """
@@ -15,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lmm.backends import Backend, DecodingConfig, load_backend
 from lmm.chat_format import Message
@@ -29,6 +32,7 @@ from lmm.state import (
     StateHeader,
     check_compatible,
     default_save_path,
+    nonfinite_tensor,
     now_iso,
     read_state,
     save_state,
@@ -106,6 +110,8 @@ class ChatEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmm-update",
                                             initializer=backend.prepare_thread)
         self._pending: Future[UpdateSummary] | None = None
+        self.autosave_path: Path | None = None  # set_autosave: written after every change of the memory
+        self._state: dict[str, np.ndarray] | None = None  # the module's state after its last good update
         self.module = create_memory(config.memory, hidden_size=backend.hidden_size, ops=backend.ops,
                                     seed=config.seed, options=config.memory_options)
         self._install(self.module)
@@ -187,17 +193,50 @@ class ChatEngine:
             self.last_turn.update = self.last_update = UpdateSummary(turn=index, skipped="incognito")
             return
         messages = [dict(m) for m in self.chat_messages()]
-        work = lambda: learn_from_message(self.backend, self.module, self.hook, self.log, messages, index)  # noqa: E731
+        work = lambda: self._update(messages, index)  # noqa: E731
         if self.config.background_updates:
             self._pending = self._executor.submit(work)
         else:
-            self.last_turn.update = self.last_update = work()
+            self._collect(work())
+
+    def _update(self, messages: list[Message], index: int) -> UpdateSummary:
+        """One update, guarded: a state that is not finite afterwards is undone; a good one is autosaved."""
+        before = self._state if self._state is not None else self._snapshot()
+        count = self.module.update_count
+        summary = learn_from_message(self.backend, self.module, self.hook, self.log, messages, index)
+        if summary.skipped is not None:
+            return summary
+        start = time.perf_counter()
+        after = self._snapshot()
+        bad = nonfinite_tensor(after)
+        if bad is not None:
+            self.module.load_state_tensors(before)
+            self.module.update_count = count
+            self.module.reset_learner()
+            self.backend.reset_session()
+            summary.rolled_back = summary.skipped = bad
+            return summary
+        self._state = after
+        if self.autosave_path is not None:
+            self._write_autosave(after)
+            summary.autosave_seconds = time.perf_counter() - start
+        return summary
+
+    def _snapshot(self) -> dict[str, np.ndarray]:
+        # Copies: a CPU tensor's numpy view would follow later in-place changes.
+        return {k: np.array(v, copy=True) for k, v in self.module.state_tensors().items()}
+
+    def _collect(self, summary: UpdateSummary) -> None:
+        self.last_turn.update = self.last_update = summary
+        if summary.rolled_back:
+            self.notice(f"update rolled back: tensor {summary.rolled_back} was not finite after it; "
+                        "the memory is as it was before this message")
 
     def wait_for_update(self) -> UpdateSummary | None:
         """Block until the pending update is applied; return the latest update summary."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self.last_turn.update = self.last_update = pending.result()
+            self._collect(pending.result())
         return self.last_update
 
     def update_done(self, timeout: float = 0.0) -> bool:
@@ -208,8 +247,18 @@ class ChatEngine:
         return pending is None or pending.done()
 
     # --- memory state --------------------------------------------------------------------
+    def set_autosave(self, path: Path | None) -> None:
+        """Autosave the memory to `path` after every update, forget and load (None: stop)."""
+        self.wait_for_update()
+        self.autosave_path = Path(path) if path is not None else None
+
+    def _write_autosave(self, tensors: dict[str, np.ndarray] | None = None) -> None:
+        if self.autosave_path is not None:
+            save_state(self.autosave_path, self.header(), tensors if tensors is not None else self._snapshot())
+
     def _install(self, module: MemoryModule) -> None:
         self.module = module
+        self._state = None
         self.last_update = None  # it described another memory (e.g. the previous user's)
         self.hook = MemoryHook(module, self.log, layer=self.layer, backend=self.backend.name,
                                model=self.backend.model_id, log_activations=self.config.log_activations)
@@ -251,6 +300,7 @@ class ChatEngine:
             self.notice(f"memory config taken from {path.name}: {config.to_json()}")
         self.created_at = header.created_at
         self._install(module)
+        self._write_autosave()
 
     def forget(self) -> None:
         """Reset the memory to its freshly initialised state."""
@@ -259,6 +309,7 @@ class ChatEngine:
                                seed=self.config.seed, config=self.module.config)
         self.created_at = now_iso()
         self._install(module)
+        self._write_autosave()
 
     def close(self) -> None:
         self.wait_for_update()

@@ -34,11 +34,15 @@ class UpdateSummary:
     token_losses: list[tuple[str, float, bool]] = field(default_factory=list)  # (token, CE, learned)
     seconds: float = 0.0
     skipped: str | None = None
+    rolled_back: str | None = None  # the tensor that was not finite after the update, which was undone
+    autosave_seconds: float | None = None  # finiteness check + crash-safe autosave, when autosaving
 
     def to_json(self) -> dict:
         return {
             "loss": self.loss, "loss_after": self.loss_after, "selected_tokens": self.selected_tokens,
             "n_selected": len(self.selected_tokens), "seconds": round(self.seconds, 4), "skipped": self.skipped,
+            "rolled_back": self.rolled_back,
+            "autosave_seconds": None if self.autosave_seconds is None else round(self.autosave_seconds, 4),
         }
 
 

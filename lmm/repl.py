@@ -430,7 +430,9 @@ class Repl:
 
     def finish(self, save: bool) -> int:
         if not save:
-            self.say("Ctrl+C: leaving WITHOUT saving the memory (Ctrl+D or /exit would have saved it)", "yellow")
+            self.session.discard()
+            self.say("Ctrl+C: leaving WITHOUT saving the memory: this session's changes are discarded "
+                     "(Ctrl+D or /exit would have saved them)", "yellow")
             return 130
         try:
             path = self.session.save()

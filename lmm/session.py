@@ -2,9 +2,11 @@
 
 Owns the policy around the engine's memory: per-user state paths
 (`artifacts/users/<NAME>/<module>.safetensors`), the load at start (a missing file is
-skipped with a notice; a bad one stops the chat before the first turn), saving on exit,
-incognito mode (no updates, nothing saved) and switching users without reloading the
-model. Shared by the REPL and the piped mode; it does no terminal I/O itself.
+skipped with a notice; a bad one stops the chat before the first turn), one chat per memory
+file (a lock held from start to exit), crash safety (the engine autosaves each update beside
+the file; the next chat of that file recovers it), saving on exit, leaving without keeping
+the session's changes, incognito mode (no updates, nothing written) and switching users
+without reloading the model. Shared by the REPL and the piped mode; no terminal I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmm.engine import ChatEngine
+from lmm.lock import MemoryLock
 from lmm.models import artifacts_dir
+from lmm.state import StateFileError, recovery_path
 
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -42,30 +46,61 @@ class ChatSession:
         self.user: str | None = None
         self.load_path = load_path
         self.save_path = save_path
+        self._lock: MemoryLock | None = None
         if user is not None:
             self._set_user_paths(user)
-        self.incognito = False
-        self.set_incognito(incognito)
+        self.incognito = incognito
+        self.engine.learning = not incognito
 
     def _set_user_paths(self, user: str) -> None:
         self.user = validate_user(user)
         path = user_state_path(user, self.engine.module.name)
         self.load_path = self.save_path = path
 
+    @property
+    def recovery(self) -> Path | None:
+        """Where this session's unsaved updates are autosaved (None: no save path, nothing to recover)."""
+        return recovery_path(self.save_path) if self.save_path is not None else None
+
     def start(self) -> None:
-        """Load the memory to start from; a missing file is not an error."""
-        if self.load_path is None:
-            return
-        if not self.load_path.exists():
-            who = f" for user {self.user}" if self.user else ""
-            self.notice(f"no saved memory at {self.load_path}{who}; starting fresh")
-            return
-        self.engine.load_memory(self.load_path)
-        self.notice(f"loaded memory from {self.load_path} ({self.engine.module.update_count} updates)")
+        """Lock the memory file, then load the memory to start from: an unsaved session left by a
+        chat that died, else the saved file; a missing file is not an error."""
+        if self.save_path is not None and not self.incognito:
+            self._lock = MemoryLock(self.save_path)
+            self._lock.acquire()
+        recovery = self.recovery
+        try:
+            if recovery is not None and recovery.exists() and not self.incognito:
+                self._recover(recovery)
+            elif self.load_path is None:
+                pass
+            elif not self.load_path.exists():
+                who = f" for user {self.user}" if self.user else ""
+                self.notice(f"no saved memory at {self.load_path}{who}; starting fresh")
+            else:
+                self.engine.load_memory(self.load_path)
+                self.notice(f"loaded memory from {self.load_path} ({self.engine.module.update_count} updates)")
+        except BaseException:
+            self.close()
+            raise
+        self.engine.set_autosave(None if self.incognito else recovery)
+
+    def _recover(self, recovery: Path) -> None:
+        try:
+            self.engine.load_memory(recovery)
+        except StateFileError as exc:
+            raise StateFileError(f"{exc} (an unsaved session's autosave: remove it to start from "
+                                 f"{self.save_path})") from None
+        self.notice(f"recovered an unsaved session from {recovery} ({self.engine.module.update_count} updates); "
+                    f"it is written to {self.save_path} at the next save")
 
     def set_incognito(self, on: bool) -> None:
+        if not on and self.save_path is not None and self._lock is None:
+            self._lock = MemoryLock(self.save_path)
+            self._lock.acquire()  # a chat started incognito took no lock; writing needs one
         self.incognito = on
         self.engine.learning = not on
+        self.engine.set_autosave(None if on else self.recovery)
 
     def save(self, path: Path | None = None) -> Path | None:
         """Save the memory (explicit path, the session's save path, or a timestamped default)."""
@@ -75,7 +110,26 @@ class ChatSession:
         written = self.engine.save_memory(path or self.save_path)
         if path is None and self.save_path is None:
             self.save_path = written  # later saves in this session go to the same file
+        if written == self.save_path:
+            self._drop_recovery()  # the saved file now holds everything the autosave did
         return written
+
+    def discard(self) -> None:
+        """Leave without keeping this session's changes: the saved file stays as it was."""
+        self.engine.wait_for_update()
+        self.engine.set_autosave(None)
+        self._drop_recovery()
+
+    def _drop_recovery(self) -> None:
+        recovery = self.recovery
+        if recovery is not None:
+            recovery.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the memory file for other chats (call after the final save or discard)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def load(self, path: Path) -> None:
         if not path.exists():
@@ -86,8 +140,16 @@ class ChatSession:
         """Save the current user's memory, then start the new user's (model stays loaded)."""
         validate_user(user)
         saved = self.save()
+        self.engine.set_autosave(None)
+        self.close()
         self.engine.reset_chat()
         self.engine.forget()
+        previous = (self.user, self.load_path, self.save_path)
         self._set_user_paths(user)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.user, self.load_path, self.save_path = previous
+            self.start()  # back to the previous user's memory, just saved
+            raise
         return saved

@@ -2,9 +2,10 @@
 
 Owns the file format (tensor names come from the module, metadata from `StateHeader`),
 the atomic write (temporary file in the same folder, fsync, rename: an interrupted save
-leaves the previous file intact) and the compatibility check that refuses a file of
-another module, model, hidden size or layer before anything is changed. It never
-writes to a file it failed to read.
+leaves the previous file intact), the checks that refuse a file before anything is changed
+(unreadable, not finite, of another module, model, hidden size or layer), and where a
+state's unsaved-session autosave lives (`recovery_path`). It never writes to a file it
+failed to read. Who writes when is the session's and engine's business.
 """
 
 from __future__ import annotations
@@ -65,6 +66,21 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def recovery_path(path: Path) -> Path:
+    """Where the engine autosaves after each update until `path` itself is saved: a chat that
+    dies before saving leaves its memory here, and the next chat of `path` starts from it."""
+    path = Path(path)
+    return path.with_name(path.name + ".unsaved")
+
+
+def nonfinite_tensor(tensors: dict[str, np.ndarray]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    for name, value in tensors.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return name
+    return None
+
+
 def default_save_path(module: str, root: Path) -> Path:
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S_%f")
     return root / f"{module}_{stamp}.safetensors"
@@ -109,6 +125,9 @@ def read_state(path: Path) -> tuple[StateHeader, dict[str, np.ndarray]]:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StateFileError(f"{path}: not a readable safetensors state file ({msg})") from None
+    bad = nonfinite_tensor(tensors)
+    if bad is not None:
+        raise StateFileError(f"{path}: tensor {bad} holds NaN or infinite values (a corrupted memory)")
     if header.format_version != FORMAT_VERSION:
         raise StateFileError(
             f"{path}: state format version {header.format_version}, this lmm reads {FORMAT_VERSION}"

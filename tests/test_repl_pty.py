@@ -186,7 +186,9 @@ def test_dumb_terminal_odd_input_and_ctrl_c_exit(tiny_llama: Path, tmp_path: Pat
     finally:
         child.close()
     assert child.exitstatus == 130
-    assert not (tmp_path / "art" / "users" / "dora").exists()
+    # nothing of the session is kept: no memory file and no autosave (only the released lock file)
+    left = sorted(p.name for p in (tmp_path / "art" / "users" / "dora").iterdir())
+    assert left == ["lora_on_user.safetensors.lock"], left
 
 
 # --- input helpers (no terminal needed) -------------------------------------------------------------

@@ -51,6 +51,10 @@ class DecodingConfig:
     max_tokens: int = 256
     num_beams: int = 4
     seed: int = 0
+    # llama.cpp/ollama-style repetition penalty over the reply's last `repeat_last_n` tokens
+    # (1.0: off); without it greedy decoding of a small model loops until max_tokens.
+    repetition_penalty: float = 1.1
+    repeat_last_n: int = 64
 
     def __post_init__(self) -> None:
         if self.strategy not in ("auto", "greedy", "beam", "sample"):
@@ -61,6 +65,10 @@ class DecodingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.repetition_penalty < 1.0:
+            raise ValueError(f"repetition_penalty must be >= 1 (1 turns it off), got {self.repetition_penalty}")
+        if self.repeat_last_n < 0:
+            raise ValueError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
 
     def resolved(self, supports_beam: bool) -> Literal["greedy", "beam", "sample"]:
         """The strategy actually run: auto follows --deterministic; beam falls back where unsupported."""
@@ -99,6 +107,18 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def penalize_repeats(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """Make the tokens in `recent` less likely, as llama.cpp does: positive logits divided by
+    `penalty`, negative ones multiplied (a copy; `logits` is not changed)."""
+    if penalty == 1.0 or not recent:
+        return logits
+    out = logits.astype(np.float32, copy=True)
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    vals = out[ids]
+    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
 
 
 def sample_token(logits: np.ndarray, strategy: str, temperature: float, top_p: float,
@@ -280,9 +300,12 @@ class Backend(ABC):
         new = prompt_ids[reused:]
         logits = self.forward(new, cache, "generate", keep=[len(new) - 1])
         first_token_time = None
+        reply: list[int] = []
         for _ in range(decoding.max_tokens):
-            tok = sample_token(self.ops.to_numpy(logits[-1]), strategy, decoding.temperature,
-                               decoding.top_p, rng)
+            scores = self.ops.to_numpy(logits[-1])
+            if decoding.repeat_last_n:
+                scores = penalize_repeats(scores, reply[-decoding.repeat_last_n:], decoding.repetition_penalty)
+            tok = sample_token(scores, strategy, decoding.temperature, decoding.top_p, rng)
             if first_token_time is None:
                 first_token_time = time.perf_counter()
                 stats.time_to_first_token = first_token_time - start
@@ -290,6 +313,7 @@ class Backend(ABC):
                 stats.finish_reason = "stop"
                 break
             stats.generated_tokens += 1
+            reply.append(tok)
             yield tok
             if should_stop():
                 stats.finish_reason = "interrupted"

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1; 0: torch's default, one per core). On a 2-core "
                         "machine shared with other jobs one thread measured ~4x faster than two")
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="decoding's repetition penalty over the reply (default 1.1, the chat's; 1: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             module_options=parse_module_options(args.mm_opt, scoped=True),  # type: ignore[arg-type]
             out=args.out, answer_tokens=args.max_tokens, reply_tokens=args.reply_tokens, seed=args.seed,
             references=not args.no_references, lifelong=args.lifelong, sessions=args.sessions, layer=args.layer,
-            threads=args.threads,
+            threads=args.threads, repetition_penalty=args.repetition_penalty,
         )
         from lmm.bench.report import print_table, write_outputs
         from lmm.bench.runner import run_benchmark

@@ -24,6 +24,10 @@ case-insensitively with surrounding punctuation dropped.  A text is degenerate w
 * it has at least ``MIN_WORDS_FOR_BIGRAMS`` (8) words and fewer than half of its
   word bigrams are distinct.  Shorter texts are exempt from the bigram test
   because a handful of words gives too few bigrams to judge looping.
+
+Loop rule (:func:`has_loop`, milder than degeneration): a text loops when one of its
+sentences of at least ``LOOP_NGRAM`` (4) words occurs twice, or when one word
+``LOOP_NGRAM``-gram occurs ``LOOP_REPEATS`` (3) or more times.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "MIN_WORDS_FOR_BIGRAMS",
     "distinct_bigram_ratio",
     "exact_match",
+    "has_loop",
     "is_degenerate",
     "median",
     "normalize",
@@ -56,6 +61,9 @@ T = TypeVar("T", bound=Hashable)
 MAX_RUN = 4
 MIN_WORDS_FOR_BIGRAMS = 8
 MIN_BIGRAM_RATIO = 0.5
+LOOP_NGRAM = 4
+LOOP_REPEATS = 3
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 _WORD_RE = re.compile(r"\w+(?:['-]\w+)*")
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
@@ -125,6 +133,25 @@ def is_degenerate(text: str) -> bool:
         return True
     if len(tokens) >= MIN_WORDS_FOR_BIGRAMS and distinct_bigram_ratio(tokens) < MIN_BIGRAM_RATIO:
         return True
+    return False
+
+
+def has_loop(text: str) -> bool:
+    """True when a sentence is repeated or a word n-gram keeps coming back (see module doc)."""
+    seen: set[tuple[str, ...]] = set()
+    for sentence in _SENTENCE_END.split(text):
+        key = tuple(words(sentence))
+        if len(key) >= LOOP_NGRAM:
+            if key in seen:
+                return True
+            seen.add(key)
+    tokens = words(text)
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(tokens) - LOOP_NGRAM + 1):
+        gram = tuple(tokens[i:i + LOOP_NGRAM])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= LOOP_REPEATS:
+            return True
     return False
 
 

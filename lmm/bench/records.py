@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lmm.bench.metrics import is_degenerate, median, p95, recalls, token_agreement
+from lmm.bench.metrics import has_loop, is_degenerate, median, p95, recalls, token_agreement
 from lmm.engine import TurnResult
 
 
@@ -70,8 +70,10 @@ def summarize_row(row: dict[str, Any], plain_tps: float | None = None) -> dict[s
     for s in scen:
         s["recalled"] = recalls(s["answer"], s["expect"])
         s["degenerate"] = is_degenerate(s["answer"])
+        s["loop"] = has_loop(s["answer"])
     for p in probes:
         p["degenerate"] = is_degenerate(p["answer"])
+        p["loop"] = has_loop(p["answer"])
     n = len(scen)
     k = sum(s["recalled"] for s in scen)
     answers = [s["degenerate"] for s in scen] + [p["degenerate"] for p in probes]
@@ -98,6 +100,7 @@ def summarize_row(row: dict[str, Any], plain_tps: float | None = None) -> dict[s
         "n_answers": len(answers),
         "fluent": sum(not d for d in answers),
         "fluency": sum(not d for d in answers) / len(answers) if answers else None,
+        "loops": sum(a["loop"] for a in scen + probes) / len(answers) if answers else None,
         "probe_tps": probe_tps,
         "answer_tps": tokens_per_second(scen + probes),
         "tps_ratio": ratio_tps / plain_tps if ratio_tps and plain_tps else None,

@@ -89,7 +89,7 @@ def _bytes(x: float | None) -> str:
 
 COLUMNS = (
     ("row", "left"), ("recall", "right"), ("rec∧fluent", "right"), ("locality", "right"),
-    ("tok agree", "right"), ("fluency", "right"), ("tok/s ×plain", "right"), ("TTFT", "right"),
+    ("tok agree", "right"), ("fluency", "right"), ("loops", "right"), ("tok/s ×plain", "right"), ("TTFT", "right"),
     ("update med/p95", "right"), ("state", "right"), ("load", "right"), ("wall", "right"), ("verdict", "left"),
 )
 
@@ -120,7 +120,7 @@ def build_table(results: dict[str, Any]) -> Table:
         table.add_row(
             name, _frac(s["recalled"], s["n"]) + ("*" if flags else ""), _frac(s["recall_fluent"], s["n"]),
             _share(s["locality"]), _num(s["token_agreement"], ".2f"), _share(s["fluency"]),
-            _num(s["tps_ratio"], ".2f", "×"), _num(s["ttft_median"], ".2f", "s"), update,
+            _share(s.get("loops")), _num(s["tps_ratio"], ".2f", "×"), _num(s["ttft_median"], ".2f", "s"), update,
             _bytes(s["state_bytes_median"]),
             _num(s["load_median"] * 1000 if s["load_median"] is not None else None, ".1f", "ms"),
             _num(s["wall_seconds"], ".0f", "s"), verdict,
@@ -139,7 +139,8 @@ def build_table(results: dict[str, Any]) -> Table:
         "recall: answers naming the fact after a restart; rec∧fluent: ... by a non-degenerate answer",
         "locality: probe replies identical to the plain model's; tok agree: mean token agreement; "
         + results.get("locality_pairing", ""),
-        "fluency: recall + probe answers not degenerate; tok/s ×plain: decoding speed vs the plain model, "
+        "fluency: recall + probe answers not degenerate; loops: answers with a repeated sentence or 4-gram; "
+        "tok/s ×plain: decoding speed vs the plain model, "
         "same prompts, timed alternately; TTFT, load: medians",
         "* recall of a flagged row: " + "; ".join(results.get("flag_rules", {}).values()),
     ]

@@ -120,6 +120,7 @@ class BenchConfig:
     sessions: int = 5
     layer: int | None = None
     threads: int = 1  # torch intra-op threads; 0: torch's default
+    repetition_penalty: float = 1.1  # the chat's default decoding; 1.0: plain greedy
 
     def scenario_path(self) -> Path:
         if self.scenarios is not None:
@@ -200,7 +201,8 @@ class BenchRunner:
 
     def _engine(self, module: str, options: dict[str, str], max_tokens: int, learning: bool = True) -> ChatEngine:
         return new_engine(self.backend, module, options, max_tokens=max_tokens, seed=self.config.seed,
-                          learning=learning, layer=self.config.layer)
+                          learning=learning, layer=self.config.layer,
+                          repetition_penalty=self.config.repetition_penalty)
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
@@ -248,11 +250,13 @@ class BenchRunner:
     def _plain_probes(self) -> list[dict[str, Any]]:
         """Probe replies of the model with no hook at all: the locality reference and the speed baseline."""
         self.backend.remove_hook()
-        generate_reply(self.backend, [{"role": "user", "content": "Hello!"}], 4, self.config.seed)  # warm-up
+        generate_reply(self.backend, [{"role": "user", "content": "Hello!"}], 4, self.config.seed,
+                       repetition_penalty=self.config.repetition_penalty)  # warm-up
         out = []
         for prompt in self.probes:
             reply = generate_reply(self.backend, [{"role": "user", "content": prompt}],
-                                   self.config.answer_tokens, self.config.seed)
+                                   self.config.answer_tokens, self.config.seed,
+                                   repetition_penalty=self.config.repetition_penalty)
             out.append({"prompt": prompt, "answer": reply.text, "tokens": reply.tokens,
                         "generation_tokens": reply.generated_tokens, "generation_seconds": reply.generation_seconds,
                         "ttft": reply.ttft})
@@ -269,10 +273,12 @@ class BenchRunner:
             # compares two measurements taken under the same machine load.
             self.backend.remove_hook()
             plain = generate_reply(self.backend, [{"role": "user", "content": prompt}],
-                                   self.config.answer_tokens, self.config.seed)
+                                   self.config.answer_tokens, self.config.seed,
+                                   repetition_penalty=self.config.repetition_penalty)
             self.backend.install_hook(engine.layer, engine.hook)
             self.backend.reset_session()
         reply = generate_reply(self.backend, messages, self.config.answer_tokens, self.config.seed,
+                               repetition_penalty=self.config.repetition_penalty,
                                fresh_cache=history is None or len(history) == 0)
         record = probe_record(prompt, source, reply, self._plain[j])
         if plain is not None:

@@ -175,6 +175,10 @@ class MemoryModule(ABC):
     def reset_session(self) -> None:
         """Forget per-session (short-term) state; learned memory stays."""
 
+    def reset_learner(self) -> None:
+        """Drop what the learner carries between updates (optimizer moments): called when an
+        update is rolled back, since they were moved by it. The default holds nothing."""
+
     def summary(self) -> dict[str, Any]:
         """Figures for `/memory` and benchmark reports."""
         return {}
@@ -231,6 +235,9 @@ class GradientMemory(MemoryModule):
 
     def trainable(self, batch: LearnBatch) -> Params:
         return dict(self.params)
+
+    def reset_learner(self) -> None:
+        self.optimizer.reset()
 
     def commit(self, params: Params, batch: LearnBatch) -> None:
         self.params.update(params)
