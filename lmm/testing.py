@@ -249,3 +249,24 @@ def tiny_model_dir(family: str, root: Path) -> Path:
     except OSError:  # another process won the race; its folder is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+# --- the real entry point, for CLI tests ------------------------------------------------------------
+
+def chat_env(tmp: Path) -> dict[str, str]:
+    """The environment a CLI test runs `python -m lmm.chat` in: artifacts and history under `tmp`."""
+    return {**os.environ, "LMM_ARTIFACTS": str(Path(tmp) / "artifacts"), "LMM_HISTORY_FILE": str(Path(tmp) / "h")}
+
+
+def run_chat(args: list[str], stdin: bytes, tmp: Path, timeout: int = 240) -> Any:
+    """Pipe `stdin` into `python -m lmm.chat ARGS` (cwd `tmp`); the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lmm.chat", *args], input=stdin, capture_output=True,
+                          timeout=timeout, env=chat_env(tmp), cwd=tmp)
+
+
+def tiny_chat_args(models: dict[str, Path], backend: str = "torch", family: str = "llama") -> list[str]:
+    """Flags for a short chat on a tiny model folder (see the `tiny_models` fixture)."""
+    return ["--model", str(models[family]), "--backend", backend, "--max-tokens", "6"]

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lmm.state import read_state
-
-
-def run_chat(args: list[str], stdin: bytes, tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LMM_ARTIFACTS": str(tmp_path / "artifacts"), "LMM_HISTORY_FILE": str(tmp_path / "h")}
-    return subprocess.run([sys.executable, "-m", "lmm.chat", *args], input=stdin, capture_output=True,
-                          timeout=timeout, env=env, cwd=tmp_path)
-
-
-def base_args(tiny_models: dict[str, Path], backend: str = "torch") -> list[str]:
-    return ["--model", str(tiny_models["llama"]), "--backend", backend, "--max-tokens", "6"]
+from lmm.testing import run_chat
+from lmm.testing import tiny_chat_args as base_args
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx_lm"])
