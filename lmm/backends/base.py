@@ -55,6 +55,7 @@ class DecodingConfig:
     # (1.0: off); without it greedy decoding of a small model loops until max_tokens.
     repetition_penalty: float = 1.1
     repeat_last_n: int = 64
+    no_repeat_ngram: int = 0  # > 0: a reply never repeats one of its own n-grams of this many tokens
 
     def __post_init__(self) -> None:
         if self.strategy not in ("auto", "greedy", "beam", "sample"):
@@ -69,6 +70,8 @@ class DecodingConfig:
             raise ValueError(f"repetition_penalty must be >= 1 (1 turns it off), got {self.repetition_penalty}")
         if self.repeat_last_n < 0:
             raise ValueError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+        if self.no_repeat_ngram < 0 or self.no_repeat_ngram == 1:
+            raise ValueError(f"no_repeat_ngram must be 0 (off) or >= 2, got {self.no_repeat_ngram}")
 
     def resolved(self, supports_beam: bool) -> Literal["greedy", "beam", "sample"]:
         """The strategy actually run: auto follows --deterministic; beam falls back where unsupported."""
@@ -119,6 +122,27 @@ def penalize_repeats(logits: np.ndarray, recent: Sequence[int], penalty: float) 
     vals = out[ids]
     out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
     return out
+
+
+class NgramBlocker:
+    """Bans the token that would repeat one of the reply's own n-grams (transformers'
+    no_repeat_ngram_size, over the reply only)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen: dict[tuple[int, ...], set[int]] = {}
+
+    def add(self, reply: Sequence[int]) -> None:
+        if self.n and len(reply) >= self.n:
+            self.seen.setdefault(tuple(reply[-self.n:-1]), set()).add(reply[-1])
+
+    def block(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:
+        banned = self.seen.get(tuple(reply[len(reply) - self.n + 1:])) if self.n and len(reply) >= self.n - 1 else None
+        if not banned:
+            return logits
+        out = logits.astype(np.float32, copy=True)
+        out[list(banned)] = -np.inf
+        return out
 
 
 def sample_token(logits: np.ndarray, strategy: str, temperature: float, top_p: float,
@@ -301,10 +325,12 @@ class Backend(ABC):
         logits = self.forward(new, cache, "generate", keep=[len(new) - 1])
         first_token_time = None
         reply: list[int] = []
+        ngrams = NgramBlocker(decoding.no_repeat_ngram)
         for _ in range(decoding.max_tokens):
             scores = self.ops.to_numpy(logits[-1])
             if decoding.repeat_last_n:
                 scores = penalize_repeats(scores, reply[-decoding.repeat_last_n:], decoding.repetition_penalty)
+            scores = ngrams.block(scores, reply)
             tok = sample_token(scores, strategy, decoding.temperature, decoding.top_p, rng)
             if first_token_time is None:
                 first_token_time = time.perf_counter()
@@ -314,6 +340,7 @@ class Backend(ABC):
                 break
             stats.generated_tokens += 1
             reply.append(tok)
+            ngrams.add(reply)
             yield tok
             if should_stop():
                 stats.finish_reason = "interrupted"

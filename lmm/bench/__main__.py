@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine shared with other jobs one thread measured ~4x faster than two")
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="decoding's repetition penalty over the reply (default 1.1, the chat's; 1: off)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="decoding never repeats an n-gram of N tokens of the reply (default 0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out, answer_tokens=args.max_tokens, reply_tokens=args.reply_tokens, seed=args.seed,
             references=not args.no_references, lifelong=args.lifelong, sessions=args.sessions, layer=args.layer,
             threads=args.threads, repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram=args.no_repeat_ngram,
         )
         from lmm.bench.report import print_table, write_outputs
         from lmm.bench.runner import run_benchmark

@@ -71,12 +71,13 @@ def compute_threads(backend: Backend) -> int | None:
 
 def new_engine(backend: Backend, memory: str, options: dict[str, str] | None, *, max_tokens: int, seed: int,
                learning: bool = True, layer: int | None = None,
-               repetition_penalty: float = DecodingConfig.repetition_penalty) -> ChatEngine:
+               repetition_penalty: float = DecodingConfig.repetition_penalty,
+               no_repeat_ngram: int = DecodingConfig.no_repeat_ngram) -> ChatEngine:
     """A fresh engine (fresh module) on an already loaded backend: greedy, no logs, synchronous updates."""
     config = EngineConfig(
         backend=backend.name, memory=memory, memory_options=dict(options or {}), seed=seed, layer=layer,
         decoding=DecodingConfig(strategy="greedy", max_tokens=max_tokens, seed=seed,
-                                repetition_penalty=repetition_penalty),
+                                repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram),
         activation_log_path=None, log_activations=False, background_updates=False,
     )
     engine = ChatEngine(config, backend=backend)
@@ -91,7 +92,8 @@ def set_max_tokens(engine: ChatEngine, max_tokens: int) -> None:
 # --- one generation with its token ids ------------------------------------------------------
 def generate_reply(backend: Backend, messages: list[Message], max_tokens: int, seed: int,
                    fresh_cache: bool = True,
-                   repetition_penalty: float = DecodingConfig.repetition_penalty) -> Reply:
+                   repetition_penalty: float = DecodingConfig.repetition_penalty,
+                   no_repeat_ngram: int = DecodingConfig.no_repeat_ngram) -> Reply:
     """Greedy reply to `messages` with whatever hook is installed, keeping the token ids.
 
     `ChatEngine.stream` does not expose every token id (it skips yielding tokens that end in
@@ -100,7 +102,7 @@ def generate_reply(backend: Backend, messages: list[Message], max_tokens: int, s
     (or, with `fresh_cache=False`, reusing the cached prefix as the engine does in a chat)."""
     fmt = backend.formatter
     decoding = DecodingConfig(strategy="greedy", max_tokens=max_tokens, seed=seed,
-                              repetition_penalty=repetition_penalty)
+                              repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram)
     msgs = list(messages)
     budget = backend.context_length - max_tokens
     prompt = fmt.generation_ids(msgs)

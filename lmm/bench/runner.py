@@ -121,6 +121,11 @@ class BenchConfig:
     layer: int | None = None
     threads: int = 1  # torch intra-op threads; 0: torch's default
     repetition_penalty: float = 1.1  # the chat's default decoding; 1.0: plain greedy
+    no_repeat_ngram: int = 0
+
+    def loop_guard(self) -> dict[str, Any]:
+        """The decoding options against loops, as `new_engine` and `generate_reply` take them."""
+        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram": self.no_repeat_ngram}
 
     def scenario_path(self) -> Path:
         if self.scenarios is not None:
@@ -202,7 +207,7 @@ class BenchRunner:
     def _engine(self, module: str, options: dict[str, str], max_tokens: int, learning: bool = True) -> ChatEngine:
         return new_engine(self.backend, module, options, max_tokens=max_tokens, seed=self.config.seed,
                           learning=learning, layer=self.config.layer,
-                          repetition_penalty=self.config.repetition_penalty)
+                          **self.config.loop_guard())
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
@@ -251,12 +256,12 @@ class BenchRunner:
         """Probe replies of the model with no hook at all: the locality reference and the speed baseline."""
         self.backend.remove_hook()
         generate_reply(self.backend, [{"role": "user", "content": "Hello!"}], 4, self.config.seed,
-                       repetition_penalty=self.config.repetition_penalty)  # warm-up
+                       **self.config.loop_guard())  # warm-up
         out = []
         for prompt in self.probes:
             reply = generate_reply(self.backend, [{"role": "user", "content": prompt}],
                                    self.config.answer_tokens, self.config.seed,
-                                   repetition_penalty=self.config.repetition_penalty)
+                                   **self.config.loop_guard())
             out.append({"prompt": prompt, "answer": reply.text, "tokens": reply.tokens,
                         "generation_tokens": reply.generated_tokens, "generation_seconds": reply.generation_seconds,
                         "ttft": reply.ttft})
@@ -274,11 +279,11 @@ class BenchRunner:
             self.backend.remove_hook()
             plain = generate_reply(self.backend, [{"role": "user", "content": prompt}],
                                    self.config.answer_tokens, self.config.seed,
-                                   repetition_penalty=self.config.repetition_penalty)
+                                   **self.config.loop_guard())
             self.backend.install_hook(engine.layer, engine.hook)
             self.backend.reset_session()
         reply = generate_reply(self.backend, messages, self.config.answer_tokens, self.config.seed,
-                               repetition_penalty=self.config.repetition_penalty,
+                               **self.config.loop_guard(),
                                fresh_cache=history is None or len(history) == 0)
         record = probe_record(prompt, source, reply, self._plain[j])
         if plain is not None:
