@@ -2,9 +2,10 @@
 
 Owns the chat-template rendering shared by both backends (one Hugging Face tokenizer,
 loaded from the same model folder), the stop tokens, and the split of a user turn into
-prefix / raw turn tokens / content tokens. The content mask is what keeps template
-scaffolding, including a system prompt that a template inserts on its own, out of the
-tokens a memory module learns from. It does not run any model.
+prefix / raw turn tokens / content tokens, and a text encoded as a chat's only user turn
+(`standalone_turn`). The content mask is what keeps template scaffolding, including a system
+prompt that a template inserts on its own, out of the tokens a memory module learns from.
+It does not run any model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lmm.types import EncodedTurn
+
 Message = dict[str, str]
+_MARK = "\u2063TURN\u2063"
 
 _STOP_TOKEN_TEXTS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
 
@@ -38,6 +42,8 @@ class ChatFormatter:
         vocab = tokenizer.get_vocab()
         stop.update(vocab[t] for t in _STOP_TOKEN_TEXTS if t in vocab)
         self.stop_ids: set[int] = stop
+        self._markers: tuple[str, str] | None = None
+        self._system: list[int] | None = None
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         if not messages:
@@ -79,3 +85,36 @@ class ChatFormatter:
             inside = c_start >= 0 and start >= c_start and end <= c_end and end > start
             mask.append(inside and tok not in special)
         return UserTurn(prefix_ids=ids[:n_prefix], turn_ids=ids[n_prefix:], content_mask=mask)
+
+    def standalone_turn(self, text: str) -> EncodedTurn:
+        """`text` as the only user message: all token ids, the turn's first position (after the
+        system prompt, also one the template inserts on its own) and the text's positions."""
+        turn = self.user_turn([{"role": "user", "content": text}], 0)
+        ids = turn.prefix_ids + turn.turn_ids
+        n = len(turn.prefix_ids)
+        content = [n + i for i, inside in enumerate(turn.content_mask) if inside]
+        if n == 0:  # a template that inserts its own system prompt renders it inside the first turn
+            system = self._default_system_ids()
+            if system and ids[: len(system)] == system and len(system) <= (content[0] if content else 0):
+                n = len(system)
+        return EncodedTurn(ids=ids, start=n, content=content)
+
+    def turn_markers(self) -> tuple[str, str]:
+        """The text a template puts before and after a user message (found by rendering a marker)."""
+        if self._markers is None:
+            head = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+            before = self.render(head, add_generation_prompt=False)
+            after = self.render([*head, {"role": "user", "content": _MARK}], add_generation_prompt=False)
+            turn = after[len(before):] if after.startswith(before) else after
+            opening, _, closing = turn.partition(_MARK)
+            self._markers = (opening, closing.strip())
+        return self._markers
+
+    def _default_system_ids(self) -> list[int]:
+        """Tokens a template puts before the first user turn on its own (its default system prompt)."""
+        if self._system is None:
+            opening, _ = self.turn_markers()
+            rendered = self.render([{"role": "user", "content": _MARK}], add_generation_prompt=False)
+            at = rendered.rfind(opening) if opening else -1
+            self._system = self.encode(rendered[:at]) if at > 0 else []
+        return self._system

@@ -34,7 +34,15 @@ class ActivationRecord:
 
 @dataclass
 class UpdateRecord:
-    """One memory update after a user message: `pre_hooks` before learning, `post_hooks` after."""
+    """One memory update after a user message.
+
+    Field names follow the seed's log format, kept for compatibility: `stage` is `pre_hooks`
+    (written before the module learns) or `post_hooks` (after), and `user_response_*` describe
+    the user's message (not a reply): its content tokens and their cross-entropy given the chat
+    before it, and `raw` the same for every token of the turn, template scaffolding included.
+    `learner` says which kind of update ran: `surprise` (the selected tokens, loss before and
+    after, per-step losses) or `direct` (the statements `stored`, and a one-line `note`).
+    """
 
     stage: Literal["pre_hooks", "post_hooks"]
     turn: int
@@ -57,6 +65,9 @@ class UpdateRecord:
     grad_norms: dict[str, float] = field(default_factory=dict)
     update_seconds: float | None = None
     skipped: str | None = None  # why no update was made (incognito, nothing to learn, ...)
+    learner: Literal["surprise", "direct"] = "surprise"
+    stored: list[str] = field(default_factory=list)
+    note: str | None = None
     kind: Literal["update"] = "update"
 
 

@@ -9,11 +9,11 @@ model code (backends install it) and no learning (the engine's learner does that
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from lmm.events import ActivationRecord, EventLog
-from lmm.memory.base import MemoryModule, RewriteContext
+from lmm.memory.base import MemoryModule
 from lmm.ops import Array
+from lmm.types import RewriteContext
 
 
 class MemoryHook:
@@ -27,10 +27,6 @@ class MemoryHook:
         self.log_activations = log_activations
         self.calls = 0
         self.captured: Array | None = None
-
-    def before_generation(self, prompt_ids: Sequence[int]) -> None:
-        """The backend is about to generate a reply to `prompt_ids`: let the module prepare."""
-        self.module.before_generation(prompt_ids)
 
     def __call__(self, hidden: Array, ctx: RewriteContext) -> Array:
         if ctx.phase == "score":

@@ -1,17 +1,20 @@
-"""One memory update: score a user message in context, pick its surprising tokens, learn.
+"""The two learners: what runs after each user message, for each kind of memory module.
 
-Owns the update procedure shared by every module: CE of the message's content tokens
-conditioned on the whole chat before it (reusing the session KV prefix), the
-above-the-mean selection, the `LearnBatch` handed to the module, the loss after the
-update, and the `pre_hooks` / `post_hooks` records. It does not schedule updates (the
-engine does) or define how a module learns (the module does).
+Owns one update from start to record. `learn_from_surprise` (modules of kind "surprise"):
+the CE of the message's content tokens conditioned on the whole chat before it (reusing the
+session KV prefix), the above-the-mean selection, the `LearnBatch` handed to the module, the
+loss after the update. `write_directly` (kind "direct"): the module writes the message into
+memory itself and says what it stored. Both write `pre_hooks` / `post_hooks` records.
+`LEARNERS` maps a module kind to its learner. It does not schedule updates (the engine does)
+or define how a module learns (the module does).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -19,7 +22,7 @@ from lmm.backends.base import Backend
 from lmm.chat_format import Message
 from lmm.events import EventLog, UpdateRecord, loss_by_decoded_token
 from lmm.hook import MemoryHook
-from lmm.memory.base import LearnBatch, MemoryModule, select_surprising
+from lmm.memory.base import DirectMemory, LearnBatch, MemoryModule, select_surprising
 from lmm.ops import Params
 
 
@@ -28,32 +31,43 @@ class UpdateSummary:
     """What one update did, for the stats line, `--json` output and benchmarks."""
 
     turn: int
+    learner: Literal["surprise", "direct"] = "surprise"
     loss: float | None = None
     loss_after: float | None = None
     selected_tokens: list[str] = field(default_factory=list)
     token_losses: list[tuple[str, float, bool]] = field(default_factory=list)  # (token, CE, learned)
+    stored: list[str] = field(default_factory=list)  # direct: the statements written
+    note: str | None = None  # direct: what was stored, or why nothing was
     seconds: float = 0.0
     skipped: str | None = None
     rolled_back: str | None = None  # the tensor that was not finite after the update, which was undone
     autosave_seconds: float | None = None  # finiteness check + crash-safe autosave, when autosaving
 
     def to_json(self) -> dict:
-        return {
-            "loss": self.loss, "loss_after": self.loss_after, "selected_tokens": self.selected_tokens,
-            "n_selected": len(self.selected_tokens), "seconds": round(self.seconds, 4), "skipped": self.skipped,
-            "rolled_back": self.rolled_back,
-            "autosave_seconds": None if self.autosave_seconds is None else round(self.autosave_seconds, 4),
-        }
+        out: dict = {"learner": self.learner}
+        if self.learner == "surprise":
+            out.update(loss=self.loss, loss_after=self.loss_after, selected_tokens=self.selected_tokens,
+                       n_selected=len(self.selected_tokens))
+        else:
+            out.update(stored=self.stored, note=self.note)
+        out.update(seconds=round(self.seconds, 4), skipped=self.skipped, rolled_back=self.rolled_back,
+                   autosave_seconds=None if self.autosave_seconds is None else round(self.autosave_seconds, 4))
+        return out
 
 
-def learn_from_message(
+def _base(backend: Backend, module: MemoryModule, hook: MemoryHook, messages: Sequence[Message],
+          index: int) -> dict:
+    return dict(turn=index, backend=backend.name, model=backend.model_id, module=module.name,
+                layer=hook.layer, user_text=messages[index]["content"], learner=module.kind)
+
+
+def learn_from_surprise(
     backend: Backend, module: MemoryModule, hook: MemoryHook, log: EventLog,
     messages: Sequence[Message], index: int,
 ) -> UpdateSummary:
     start = time.perf_counter()
     fmt, ops = backend.formatter, backend.ops
-    base = dict(turn=index, backend=backend.name, model=backend.model_id, module=module.name,
-                layer=hook.layer, user_text=messages[index]["content"])
+    base = _base(backend, module, hook, messages, index)
     log.write(UpdateRecord(stage="pre_hooks", time=time.time(), **base))
 
     turn = fmt.user_turn(messages, index)
@@ -115,3 +129,25 @@ def learn_from_message(
     record.time = time.time()
     log.write(record)
     return summary
+
+
+def write_directly(
+    backend: Backend, module: MemoryModule, hook: MemoryHook, log: EventLog,
+    messages: Sequence[Message], index: int,
+) -> UpdateSummary:
+    if not isinstance(module, DirectMemory):
+        raise TypeError(f"{module.name} is not a DirectMemory")
+    start = time.perf_counter()
+    base = _base(backend, module, hook, messages, index)
+    log.write(UpdateRecord(stage="pre_hooks", time=time.time(), **base))
+    result = module.write(list(messages[: index + 1]), index)
+    module.update_count += 1
+    summary = UpdateSummary(turn=index, learner="direct", stored=result.stored, note=result.note)
+    summary.seconds = time.perf_counter() - start
+    log.write(UpdateRecord(stage="post_hooks", time=time.time(), **base, stored=result.stored, note=result.note,
+                           update_seconds=summary.seconds))
+    return summary
+
+
+Learner = Callable[[Backend, MemoryModule, MemoryHook, EventLog, Sequence[Message], int], UpdateSummary]
+LEARNERS: dict[str, Learner] = {"surprise": learn_from_surprise, "direct": write_directly}

@@ -1,9 +1,8 @@
 """Attention-level memory plumbing: extra keys/values read by some layers, and read-only captures.
 
-Owns the backend-neutral description of what a memory module asks of the attention layers
-(`ExtraKV`: RoPE-applied keys/values prepended to the attention of some layers; `Captured`:
-the input hidden states of one layer and the keys/values of some layers, from a forward of
-the frozen model on an empty cache), and the two small mechanisms that implement it:
+Owns the two small mechanisms that implement what a memory module asks of the attention
+layers (`lmm.types.ExtraKV`: RoPE-applied keys/values prepended to the attention of some
+layers; `lmm.types.Captured`: hidden states and keys/values of the frozen model):
 
 * torch: a wrapper registered with transformers' `AttentionInterface` around the model's own
   attention function (sdpa or eager). With no plan for the calling thread, or no extra
@@ -28,35 +27,12 @@ torch and mlx are imported lazily, inside the functions that need them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmm.ops import Array
-
-
-@dataclass(frozen=True)
-class ExtraKV:
-    """Keys/values prepended to the attention of some layers for every following forward.
-
-    `layers` maps a decoder layer index to (keys, values), each [1, n_kv_heads, L, head_dim] in
-    the backend's array type with RoPE already applied (at the positions they were computed at).
-    `key` identifies the content: the backend drops its session cache when it changes, since
-    everything computed above the first extra layer depends on it."""
-
-    key: Hashable
-    layers: dict[int, tuple[Array, Array]]
-    visible_from: int = 0
-
-
-@dataclass
-class Captured:
-    """What `Backend.capture` returns: per asked layer, the hidden states [T, d] entering it and
-    the RoPE-applied (keys, values) [1, n_kv_heads, T, head_dim]."""
-
-    hidden: dict[int, Array] = field(default_factory=dict)
-    kv: dict[int, tuple[Array, Array]] = field(default_factory=dict)
+from lmm.types import Captured
 
 
 class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error

@@ -3,28 +3,28 @@
 A backend owns one frozen model, its tokenizer and a session KV cache. It exposes a few
 primitives (a forward pass on a cache, cache views and truncation, the layer hook) and
 this base class builds the rest on them: prompt-prefix reuse, the decode loop, sampling
-(done in numpy from a seeded generator, so both backends sample identically) and
-prefix-conditioned scoring for memory updates. It holds no memory-module logic (that is
-`lmm.memory`) and no UI.
+(done in numpy from a seeded generator, so both backends sample identically, with the
+repetition guard), prefix-conditioned scoring for memory updates, and `BackendView`, the
+`lmm.types.ModelView` a memory module is given. It holds no memory-module logic (that is
+`lmm.memory`, which it never imports) and no UI.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from lmm.backends.attention_memory import Captured, ExtraKV
 from lmm.chat_format import ChatFormatter
-from lmm.memory.base import Phase, RewriteContext
 from lmm.ops import Array, Ops
+from lmm.types import Captured, EncodedTurn, ExtraKV, HookFn, Phase, RewriteContext
 
 Strategy = Literal["auto", "greedy", "beam", "sample"]
-HookFn = Callable[[Array, RewriteContext], Array]
+T = TypeVar("T")
 
 # Where decoder layers live, by attribute path, across the supported families.
 LAYER_PATHS = (
@@ -198,6 +198,7 @@ class Backend(ABC):
         self.installed_hook: HookFn | None = None  # set by install_hook, cleared by remove_hook
         self.extra_kv: ExtraKV | None = None  # attention memory read by every forward (set_extra_kv)
         self._bypass_hook = False  # True during `capture`: the frozen model, no memory
+        self._view: BackendView | None = None
 
     # --- primitives each backend implements ----------------------------------------
     @abstractmethod
@@ -232,6 +233,16 @@ class Backend(ABC):
         """Run once on every thread, other than the loading one, that will use this backend (the
         engine's update thread). The default needs nothing."""
 
+    def release_thread(self) -> None:
+        """Run last on a thread that used this backend, before the thread or the process ends.
+        The default needs nothing."""
+
+    def close(self) -> None:
+        """Release the model's resources for this process's exit; the backend is not used after."""
+        self.remove_hook()
+        self.reset_session()
+        self.release_thread()
+
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = ()) -> Captured:
         """Run the frozen model (memory hook bypassed, no extra keys/values) on `ids` from an empty
@@ -254,11 +265,11 @@ class Backend(ABC):
         self.installed_hook = None
         self.set_extra_kv(None)
 
-    def _before_generation(self, prompt_ids: Sequence[int]) -> None:
-        """Let the installed hook prepare the memory for this prompt (e.g. retrieve, then set_extra_kv)."""
-        prepare = getattr(self.installed_hook, "before_generation", None)
-        if prepare is not None:
-            prepare(prompt_ids)
+    def view(self) -> BackendView:
+        """The narrow view of this model that memory modules get (one per backend)."""
+        if self._view is None:
+            self._view = BackendView(self)
+        return self._view
 
     # --- built on the primitives ---------------------------------------------------
     def forward(self, ids: Sequence[int], cache: Any, phase: Phase, keep: Sequence[int] | None = None) -> Array:
@@ -306,7 +317,6 @@ class Backend(ABC):
         stop_ids = self.formatter.stop_ids
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
-        self._before_generation(prompt_ids)
         if strategy == "beam":
             self.reset_session()
             for i, tok in enumerate(self.beam_search(prompt_ids, decoding, stop_ids)):
@@ -370,3 +380,34 @@ class Backend(ABC):
                 view = self.new_cache()
                 self.forward(prefix_ids, view, "score", keep=[n - 1])
         return self.forward(ids, view, phase, keep=keep)
+
+
+class BackendView:
+    """A backend as a memory module sees it (`lmm.types.ModelView`): sizes, turn encoding, captures of
+    the frozen model, extra keys/values to read, and a per-model memo. Nothing else of the backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._memo: dict[Hashable, Any] = {}
+        self.backend_name = backend.name
+        self.num_layers = backend.num_layers
+        self.hidden_size = backend.hidden_size
+        self.ops = backend.ops
+
+    def encode_turn(self, text: str) -> EncodedTurn:
+        return self._backend.formatter.standalone_turn(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._backend.formatter.decode(list(ids))
+
+    def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
+                kv_layers: Sequence[int] = ()) -> Captured:
+        return self._backend.capture(ids, hidden_layers=hidden_layers, kv_layers=kv_layers)
+
+    def read(self, extra: ExtraKV | None) -> None:
+        self._backend.set_extra_kv(extra)
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]

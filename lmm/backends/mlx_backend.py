@@ -18,10 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lmm.backends.attention_memory import AttentionPlan, Captured, StopForward, mlx_layer_scope
-from lmm.backends.base import Backend, BackendError, HookFn, find_layers
+from lmm.backends.attention_memory import AttentionPlan, StopForward, mlx_layer_scope
+from lmm.backends.base import Backend, BackendError, find_layers
 from lmm.chat_format import ChatFormatter
 from lmm.ops import Params
+from lmm.types import Captured, HookFn
 
 
 @dataclass
@@ -152,6 +153,12 @@ class MlxBackend(Backend):
 
     def prepare_thread(self) -> None:
         mx.set_default_stream(self._stream)
+
+    def release_thread(self) -> None:
+        # mlx 0.32 no longer cleans its streams up at exit by itself: a thread (the main one too)
+        # that ends without this can abort the process ("terminate called without an active exception").
+        mx.synchronize()
+        mx.clear_streams()
 
     # --- hook ------------------------------------------------------------------------
     def install_hook(self, layer: int, hook: HookFn) -> None:

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmm.backends.attention_memory import AttentionPlan, Captured, StopForward, enable_torch_attention, plan_scope
-from lmm.backends.base import Backend, BackendError, DecodingConfig, HookFn, find_layers
+from lmm.backends.attention_memory import AttentionPlan, StopForward, enable_torch_attention, plan_scope
+from lmm.backends.base import Backend, BackendError, DecodingConfig, find_layers
 from lmm.chat_format import ChatFormatter
 from lmm.ops import Params
+from lmm.types import Captured, HookFn
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -1,9 +1,12 @@
 """The memory-module contract: what every module receives, provides and saves.
 
-Owns `MemoryConfig` (dataclass base with validation and dict round-trip), `MemoryModule`
-(rewrite / learn / state), the shared surprising-token selection, and `LearnBatch`, the
-backend-neutral view of one user message that a module learns from. It does not own any
-concrete module, the model forward pass (backends) or persistence to disk (`lmm.state`).
+Owns `MemoryConfig` (dataclass base with validation and dict round-trip), the life cycle the
+engine drives (`attach`, `before_reply`, learning, `reset_session`, state), the two kinds of
+module and what each learns from: `MemoryModule` learns from the message's surprising tokens
+(`learn(LearnBatch)`; `GradientMemory` with optimizer steps) and `DirectMemory` writes what
+the user said into memory itself (`write(messages, index)`), plus the shared surprising-token
+selection. It does not own any concrete module, the model (a module sees `lmm.types.ModelView`)
+or persistence to disk (`lmm.state`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from lmm.ops import Array, Ops, Params
+from lmm.types import ModelView, Phase, RewriteContext
 
-Phase = Literal["generate", "score", "train"]
+__all__ = ["DirectMemory", "GradientConfig", "GradientMemory", "LearnBatch", "LearnResult", "MemoryConfig",
+           "MemoryModule", "ModelView", "Phase", "RewriteContext", "StateError", "WriteResult", "select_surprising"]
+
+Kind = Literal["surprise", "direct"]
 
 
 class StateError(ValueError):
@@ -80,14 +87,6 @@ def _coerce(raw: str, default: Any, key: str) -> Any:
 
 
 @dataclass
-class RewriteContext:
-    """What the hook knows about the current forward pass."""
-
-    phase: Phase
-    offset: int  # positions already in the KV cache before this call
-
-
-@dataclass
 class LearnBatch:
     """One user message, ready to learn from.
 
@@ -114,6 +113,14 @@ class LearnResult:
     grad_norms: dict[str, float]  # of the first step, per parameter
 
 
+@dataclass
+class WriteResult:
+    """What a `DirectMemory` write did with one user message."""
+
+    stored: list[str] = field(default_factory=list)  # the statements written (or rewritten)
+    note: str = ""  # one line for the user: what was stored, replaced, or why nothing was
+
+
 def select_surprising(losses: np.ndarray) -> np.ndarray:
     """Indices of the tokens whose CE is strictly above the mean CE of the message."""
     if losses.size == 0:
@@ -122,7 +129,7 @@ def select_surprising(losses: np.ndarray) -> np.ndarray:
 
 
 class MemoryModule(ABC):
-    """A learnable rewrite of one layer's hidden states.
+    """A rewrite of one layer's hidden states that learns from the user's surprising tokens.
 
     Parameters live in `self.params` (trained and saved); other saved tensors go in
     `self.buffers`. During a gradient step the backend binds traced parameters with
@@ -131,6 +138,7 @@ class MemoryModule(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MemoryConfig]]
+    kind: ClassVar[Kind] = "surprise"  # which learner the engine runs after each user message
     # buffers that are per-session and not part of the saved state
     transient_buffers: ClassVar[tuple[str, ...]] = ()
 
@@ -164,13 +172,13 @@ class MemoryModule(ABC):
         """Learn from one message. The default module has nothing to learn."""
         return LearnResult(steps=0, losses=[], grad_norms={})
 
-    def attach(self, backend: Any, layer: int) -> None:
-        """The engine installed this module on `backend` at `layer`. A module that runs passes of
-        its own (captures, extra keys/values) keeps the backend; the default does nothing."""
+    def attach(self, model: ModelView, layer: int) -> None:
+        """The engine installed this module on `model` at `layer`. A module that runs passes of
+        its own (captures, extra keys/values) keeps the view; the default does nothing."""
 
-    def before_generation(self, prompt_ids: Sequence[int]) -> None:
-        """Called by the backend before it generates a reply to `prompt_ids` (e.g. to retrieve
-        what this prompt needs). The default does nothing."""
+    def before_reply(self, messages: Sequence[dict[str, str]]) -> None:
+        """The engine is about to generate a reply to `messages` (the chat, system prompt
+        included): prepare what it needs, e.g. retrieve. The default does nothing."""
 
     def reset_session(self) -> None:
         """Forget per-session (short-term) state; learned memory stays."""
@@ -216,6 +224,17 @@ class MemoryModule(ABC):
 
     def _after_load(self) -> None:
         """Rebuild derived structures after a load."""
+
+
+class DirectMemory(MemoryModule):
+    """A module that writes what the user said into memory itself (no gradient, no token
+    selection): the engine calls `write` after each user message."""
+
+    kind: ClassVar[Kind] = "direct"
+
+    @abstractmethod
+    def write(self, messages: Sequence[dict[str, str]], index: int) -> WriteResult:
+        """Store what `messages[index]` (a user message) says; `messages` is the chat up to it."""
 
 
 class GradientMemory(MemoryModule):

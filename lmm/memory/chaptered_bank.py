@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from lmm.memory.base import GradientConfig, GradientMemory, LearnBatch, RewriteContext, StateError
+from lmm.memory.registry import register
 from lmm.ops import Array, Ops, Params
 
 ROUTINGS = ("sequence", "rolling", "token")
@@ -105,6 +106,7 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale.astype(np.float32)
 
 
+@register
 class ChapteredBank(GradientMemory):
     name = "chaptered_bank"
     config_cls = ChapteredBankConfig

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from lmm.memory.base import GradientConfig, GradientMemory, LearnBatch, LearnResult, RewriteContext, StateError
+from lmm.memory.registry import register
 from lmm.ops import Array, Ops, Params
 
 MAX_RADIUS = 3  # codes within radius r: sum of C(bits, i), i <= r; 2325 lookups per position at bits=24
@@ -82,6 +83,7 @@ class _TrainView:
     new_codes: np.ndarray  # codes of the new rows ("sel" rows len(trained)..)
 
 
+@register
 class HashGradientMemory(GradientMemory):
     name = "hash_gradient"
     config_cls = HashGradientConfig

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmm.memory.base import MemoryConfig, MemoryModule, RewriteContext
+from lmm.memory.registry import register
 from lmm.ops import Array
 
 
@@ -17,6 +18,7 @@ class IdentityConfig(MemoryConfig):
     """No options."""
 
 
+@register
 class IdentityMemory(MemoryModule):
     name = "identity"
     config_cls = IdentityConfig

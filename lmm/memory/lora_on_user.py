@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmm.memory.base import GradientConfig, GradientMemory, RewriteContext
+from lmm.memory.registry import register
 from lmm.ops import Array, Ops
 
 
@@ -29,6 +30,7 @@ class LoraConfig(GradientConfig):
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
 
+@register
 class LoraOnUser(GradientMemory):
     name = "lora_on_user"
     config_cls = LoraConfig

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from lmm.memory.base import GradientConfig, GradientMemory, LearnBatch, LearnResult, RewriteContext
+from lmm.memory.registry import register
 from lmm.ops import Array, Ops, Params
 
 EPS = 1e-6
@@ -71,6 +72,7 @@ class RecurrentStateConfig(GradientConfig):
                              f"got min_decay={self.min_decay}, max_decay={self.max_decay}")
 
 
+@register
 class RecurrentState(GradientMemory):
     name = "recurrent_state"
     config_cls = RecurrentStateConfig

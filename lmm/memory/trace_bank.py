@@ -1,46 +1,25 @@
-"""`trace_bank`: what the user said, kept as key/value traces that the upper layers attend to.
+"""`trace_bank`: what the user said, kept as key/value traces that the model's attention reads.
 
-Write (`learn`, after each user message): the message's statements (its sentences that are not
-questions, when at least one speaks in the first person: the write gate) are run once through
-the frozen model as the only user turn after the template's system prompt. The keys and values
-of the statement's content tokens (`scaffold`: also the template's tokens around it) at layers
->= `start_layer` (default 0: every layer; measured on a development set of 32 facts with the
-right trace forced, reading at every layer recalled 16-17 where layers >= the middle one
-recalled 7), with RoPE applied at the positions they were computed at, become one trace,
-together with two routing keys: the hidden states entering `routing_layer` (default: a quarter
-of the depth) of its content tokens, and the mean state of the turn entering `sentence_layer`
-(default: the hooked layer).
+Owns the trace store and its two halves. Write (`write`, after each user message): the message's
+statements (sentences that are not questions; with `write_gate`, only when one speaks in the
+first person) run once through the frozen model as the only user turn; the keys and values of
+their content tokens at layers >= `start_layer` (RoPE applied at the positions they were computed
+at) become one trace, with two routing keys: content-token states entering `routing_layer`, and
+the turn's mean state entering `sentence_layer`. Read (`before_reply`, before each reply): the
+last user message is encoded the same way and scored against every trace, token by token (late
+interaction weighted by how specific each query token is) and as a whole; with `read_gate`, only
+messages that speak of the user route. The best trace past either threshold is handed to the model
+as extra keys/values (each token `read_gain` times); with none, replies are the plain model's,
+bit for bit. Bounded by `max_traces` (least recently read evicted), `dedupe`, `max_trace_tokens`.
 
-Read (`before_generation`, called by the backend before each reply): the last user message of the
-prompt is encoded the same way. Each trace gets a token-level score, late interaction (every
-query token takes its best cosine over the trace's tokens; the mean is weighted by how unlike
-the query token is to every token of built-in neutral sentences, so "what is my" counts little;
-states centred by those sentences' mean) and a sentence-level score (cosine of the centred mean
-states, which links paraphrases such as "I am Ada" and "what is my name"). A message of several
-sentences is also scored sentence by sentence (the best counts). Only messages that speak of
-the user (I, my, me, we ...: the read gate) are routed. The trace furthest above `threshold`
-or `sentence_threshold` is handed to the backend as extra keys/values: the attention of layers
->= `start_layer` reads them before its own, each token `read_gain` times (default 2: on the
-development set 18 of 32 facts and 10 of 10 smoke-test names, against 16 and 7 at 1), seen by
-every chat position after the system prompt. Positions are not shifted: the trace overlaps the first chat
-positions, relative distances as if the statement opened the chat. With nothing retrieved, the
-backend runs its plain path, so replies to unrelated prompts are bit-identical to the model
-without memory. The thresholds were chosen on that development set and 67 unrelated prompts
-(about 1% of unrelated prompt/trace pairs pass), never on the shipped benchmark scenarios.
-
-Bounded: at most `max_traces` traces (the least recently retrieved, then oldest, is evicted); a
-statement whose states match a stored one both ways above `dedupe` replaces it; statements
-longer than `max_trace_tokens` are not stored. The state (traces, routing states, token ids,
-usage clocks, centring mean) is saved in `dtype` (float16 halves the file).
-
-Limits: one trace per reply (a fact spread over two messages needs both routed), retrieval is
-by similarity only (an unrelated prompt that resembles a stored statement reads it), and the
-traces assume the template's default system prompt.
+It does not own the routing arithmetic or the state packing (`lmm.memory.traces`) nor how the
+model reads extra keys/values (the backends). How the defaults were chosen, with the
+development-set figures: `docs/trace_bank.md`. Limits: one trace per reply, similarity-only
+retrieval, English first-person gates.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,15 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from lmm.backends.attention_memory import Captured, ExtraKV
-from lmm.memory.base import (
-    LearnBatch,
-    LearnResult,
-    MemoryConfig,
-    MemoryModule,
-    RewriteContext,
-    StateError,
-)
+from lmm.memory.base import DirectMemory, MemoryConfig, RewriteContext, StateError, WriteResult
+from lmm.memory.registry import register
 from lmm.memory.traces import (
     CALIBRATION,
     SENTENCE_SPLIT,
@@ -70,13 +42,9 @@ from lmm.memory.traces import (
     unpack_traces,
 )
 from lmm.ops import Array, Ops
+from lmm.types import Captured, ExtraKV, ModelView
 
 __all__ = ["TraceBank", "TraceBankConfig", "statements"]
-
-_MARK = "\u2063TRACE\u2063"
-# Per backend (weakly held): calibration states by (routing, sentence) layer; see TraceBank._calibration.
-_CALIBRATION: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]] = (
-    weakref.WeakKeyDictionary())
 
 
 @dataclass
@@ -121,14 +89,15 @@ class TraceBankConfig(MemoryConfig):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
 
 
-class TraceBank(MemoryModule):
+@register
+class TraceBank(DirectMemory):
     name = "trace_bank"
     config_cls = TraceBankConfig
 
     def __init__(self, config: MemoryConfig, *, hidden_size: int, ops: Ops, seed: int) -> None:
         super().__init__(config, hidden_size=hidden_size, ops=ops, seed=seed)
         self.cfg: TraceBankConfig = config  # type: ignore[assignment]
-        self.backend: Any = None
+        self.model: ModelView | None = None
         self.layer: int | None = None
         self.traces: list[Trace] = []
         self.center: np.ndarray | None = None  # float32 [d]
@@ -137,17 +106,15 @@ class TraceBank(MemoryModule):
         self._index: tuple[np.ndarray, np.ndarray] | None = None  # normalised routing states, segment starts
         self._extras: OrderedDict[int, ExtraKV] = OrderedDict()
         self._queries: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._markers: tuple[str, str] | None = None
         self._generic: np.ndarray | None = None  # normalised centred routing states of CALIBRATION
         self._sentence_center: np.ndarray | None = None  # mean whole-turn state of CALIBRATION
         self._sentences: np.ndarray | None = None  # normalised centred trace sentence states
         self.last_route: dict[str, Any] | None = None
-        self.last_write: str = ""
 
     # --- layout -------------------------------------------------------------------------------
-    def attach(self, backend: Any, layer: int) -> None:
-        self.backend, self.layer = backend, layer
-        n = backend.num_layers
+    def attach(self, model: ModelView, layer: int) -> None:
+        self.model, self.layer = model, layer
+        n = model.num_layers
         if not 0 <= self.start < n:
             raise ValueError(f"trace_bank start_layer {self.start} is out of range for {n} layers")
         if not 0 <= self.routing < n:
@@ -156,7 +123,6 @@ class TraceBank(MemoryModule):
             raise ValueError(f"trace_bank sentence_layer {self.sentence_layer} is out of range for {n} layers")
         self._extras.clear()
         self._queries.clear()
-        self._markers = None
         self._generic = self._sentence_center = self._sentences = None
         if self.traces and self.traces[0].keys.shape[0] != n - self.start:
             raise StateError(f"trace_bank state holds {self.traces[0].keys.shape[0]} layers of keys, "
@@ -176,7 +142,7 @@ class TraceBank(MemoryModule):
 
     @property
     def routing(self) -> int:
-        return self.cfg.routing_layer if self.cfg.routing_layer >= 0 else self.backend.num_layers // 4
+        return self.cfg.routing_layer if self.cfg.routing_layer >= 0 else self._model.num_layers // 4
 
     @property
     def sentence_layer(self) -> int:
@@ -184,44 +150,23 @@ class TraceBank(MemoryModule):
 
     @property
     def kv_layers(self) -> list[int]:
-        return list(range(self.start, self.backend.num_layers))
+        return list(range(self.start, self._model.num_layers))
 
     # --- the forward pass is untouched at the hooked layer ---------------------------------------
     def rewrite(self, hidden: Array, ctx: RewriteContext) -> Array:
         return hidden
 
     # --- encoding ----------------------------------------------------------------------------------
+    @property
+    def _model(self) -> ModelView:
+        if self.model is None:
+            raise RuntimeError("trace_bank is not attached to a model (ChatEngine attaches it)")
+        return self.model
+
     def _turn(self, text: str) -> tuple[list[int], int, list[int]]:
         """Token ids of [system prompt + user turn(text)], the turn's first position, its content positions."""
-        turn = self.backend.formatter.user_turn([{"role": "user", "content": text}], 0)
-        ids = turn.prefix_ids + turn.turn_ids
-        n = len(turn.prefix_ids)
-        content = [n + i for i, inside in enumerate(turn.content_mask) if inside]
-        if n == 0:  # a template that inserts its own system prompt renders it inside the first turn
-            system = self._system_ids()
-            if system and ids[: len(system)] == system and len(system) <= (content[0] if content else 0):
-                n = len(system)
-        return ids, n, content
-
-    def _system_ids(self) -> list[int]:
-        """Tokens a template puts before the first user turn on its own (its default system prompt)."""
-        fmt = self.backend.formatter
-        opening, _ = self._turn_markers()
-        rendered = fmt.render([{"role": "user", "content": _MARK}], add_generation_prompt=False)
-        at = rendered.rfind(opening) if opening else -1
-        return fmt.encode(rendered[:at]) if at > 0 else []
-
-    def _turn_markers(self) -> tuple[str, str]:
-        """The text a template puts before and after a user message (found by rendering a marker)."""
-        if self._markers is None:
-            fmt = self.backend.formatter
-            head = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-            before = fmt.render(head, add_generation_prompt=False)
-            after = fmt.render([*head, {"role": "user", "content": _MARK}], add_generation_prompt=False)
-            turn = after[len(before):] if after.startswith(before) else after
-            opening, _, closing = turn.partition(_MARK)
-            self._markers = (opening, closing.strip())
-        return self._markers
+        turn = self._model.encode_turn(text)
+        return turn.ids, turn.start, turn.content
 
     def _route_states(self, hidden: Array, content: list[int]) -> np.ndarray:
         states = self.ops.to_numpy(hidden).astype(np.float32)
@@ -231,7 +176,7 @@ class TraceBank(MemoryModule):
                 kv_layers: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, Captured]:
         """One frozen forward of a turn: its routing states (content tokens entering `routing`), its
         sentence state (mean of the turn entering `sentence_layer`), and the capture itself."""
-        cap = self.backend.capture(ids, hidden_layers=(self.routing, self.sentence_layer), kv_layers=kv_layers)
+        cap = self._model.capture(ids, hidden_layers=(self.routing, self.sentence_layer), kv_layers=kv_layers)
         route = self._route_states(cap.hidden[self.routing], content)
         sentence = self.ops.to_numpy(cap.hidden[self.sentence_layer]).astype(np.float32)[start:].mean(axis=0)
         return route, sentence, cap
@@ -240,12 +185,11 @@ class TraceBank(MemoryModule):
         """Routing states (all content tokens) and sentence states of the neutral CALIBRATION
         messages. They depend on the frozen model only, so they are computed once per backend and
         layer pair, not per module (a fresh engine routes at once)."""
-        memo = _CALIBRATION.setdefault(self.backend, {})
-        layers = (self.routing, self.sentence_layer)
-        if layers not in memo:
+        def compute() -> tuple[np.ndarray, np.ndarray]:
             encoded = [self._encode(*self._turn(text))[:2] for text in CALIBRATION]
-            memo[layers] = (np.concatenate([r for r, _ in encoded]), np.stack([s for _, s in encoded]))
-        return memo[layers]
+            return np.concatenate([r for r, _ in encoded]), np.stack([s for _, s in encoded])
+
+        return self._model.memo(("trace_bank.calibration", self.routing, self.sentence_layer), compute)
 
     def _ensure_center(self) -> np.ndarray:
         if self.center is None:
@@ -311,19 +255,14 @@ class TraceBank(MemoryModule):
         return np.max(tokens, axis=0), np.max(sentences, axis=0)
 
     # --- write ---------------------------------------------------------------------------------------
-    def learn(self, batch: LearnBatch) -> LearnResult:
-        self.update_count += 1
-        if self.backend is None:
-            raise RuntimeError("trace_bank learns through its backend: attach it first (ChatEngine does)")
-        text = batch.messages[batch.index]["content"] if batch.messages else ""
+    def write(self, messages: Sequence[dict[str, str]], index: int) -> WriteResult:
+        text = messages[index]["content"]
         stored = statements(text) if self.cfg.write_gate else text.strip()
         if not stored:
-            self.last_write = "not stored (no first-person statement)"
-            return LearnResult(steps=0, losses=[], grad_norms={})
+            return WriteResult(note="not stored (no first-person statement)")
         ids, start, content = self._turn(stored)
         if len(ids) - start > self.cfg.max_trace_tokens:
-            self.last_write = f"not stored (longer than {self.cfg.max_trace_tokens} tokens)"
-            return LearnResult(steps=0, losses=[], grad_norms={})
+            return WriteResult(note=f"not stored (longer than {self.cfg.max_trace_tokens} tokens)")
         route, sentence, cap = self._encode(ids, start, content, kv_layers=self.kv_layers)
         dtype = np.dtype(self.cfg.dtype)
         keep = np.arange(start, len(ids)) if self.cfg.scaffold or not content else np.asarray(content)
@@ -337,13 +276,9 @@ class TraceBank(MemoryModule):
         if replaced is not None:
             del self.traces[replaced]
         self._add(trace)
-        self.last_write = f"{'replaced a trace with' if replaced is not None else 'stored'}: {stored}"
-        # The memory now reads this statement back when it is asked about it: route on it (its
-        # query states are the ones just computed), so the learner's loss after the update is
-        # the loss with the new trace read.
-        self._remember_query(stored, route, sentence)
-        self._select(stored)
-        return LearnResult(steps=0, losses=[], grad_norms={})
+        self._remember_query(stored, route, sentence)  # asking the statement back routes at once
+        verb = "replaced a trace with" if replaced is not None else "stored"
+        return WriteResult(stored=[stored], note=f"{verb}: {stored}")
 
     def _duplicate_of(self, trace: Trace) -> int | None:
         if not self.traces:
@@ -367,16 +302,17 @@ class TraceBank(MemoryModule):
         self._index = self._sentences = None
 
     # --- read ------------------------------------------------------------------------------------------
-    def before_generation(self, prompt_ids: Sequence[int]) -> None:
-        if self.backend is None:
+    def before_reply(self, messages: Sequence[dict[str, str]]) -> None:
+        if self.model is None:
             return
         if not self.traces:
-            self.backend.set_extra_kv(None)
+            self.model.read(None)
             return
-        text = self._last_user_text(prompt_ids)
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        text = users[-1].strip() if users else None
         if text and self.cfg.read_gate and not speaks_first_person(text):
             text = None  # memory of what the user said is read for messages about the user
-        self._select(text, count_use=True)
+        self._select(text or None, count_use=True)
 
     def _select(self, text: str | None, count_use: bool = False) -> None:
         best, score, sentence = None, None, None
@@ -392,13 +328,13 @@ class TraceBank(MemoryModule):
         self.last_route = {"query": text, "score": score, "sentence_score": sentence, "retrieved": best is not None,
                            "trace": self._text(self.traces[best]) if best is not None else None}
         if best is None:
-            self.backend.set_extra_kv(None)
+            self._model.read(None)
             return
         trace = self.traces[best]
         if count_use:
             trace.used = self.clock
             self.clock += 1
-        self.backend.set_extra_kv(self._extra(trace))
+        self._model.read(self._extra(trace))
 
     def _extra(self, trace: Trace) -> ExtraKV:
         extra = self._extras.get(trace.uid)
@@ -416,26 +352,15 @@ class TraceBank(MemoryModule):
             self._extras.move_to_end(trace.uid)
         return extra
 
-    def _last_user_text(self, prompt_ids: Sequence[int]) -> str | None:
-        """The content of the prompt's last user turn, found with the chat template's own markers."""
-        opening, closing = self._turn_markers()
-        text = self.backend.formatter.decode(list(prompt_ids), skip_special_tokens=False)
-        at = text.rfind(opening) if opening else -1
-        if at < 0:
-            return None
-        body = text[at + len(opening):]
-        end = body.find(closing) if closing else -1
-        return (body[:end] if end >= 0 else body).strip() or None
-
     def reset_session(self) -> None:
-        if self.backend is not None:
-            self.backend.set_extra_kv(None)
+        if self.model is not None:
+            self.model.read(None)
 
     # --- reporting ---------------------------------------------------------------------------------------
     def _text(self, trace: Trace) -> str:
-        if self.backend is None:
+        if self.model is None:
             return f"<{len(trace.token_ids)} tokens>"
-        return self.backend.formatter.decode(trace.token_ids.tolist()).strip()
+        return self.model.decode(trace.token_ids.tolist()).strip()
 
     def summary(self) -> dict[str, Any]:
         n_bytes = sum(t.keys.nbytes + t.values.nbytes + t.route.nbytes + t.sentence.nbytes + t.token_ids.nbytes
@@ -443,7 +368,7 @@ class TraceBank(MemoryModule):
         return {
             "traces": len(self.traces), "max_traces": self.cfg.max_traces,
             "trace_tokens": int(sum(len(t.token_ids) for t in self.traces)), "bytes": int(n_bytes),
-            "threshold": self.cfg.threshold, "last_route": self.last_route, "last_write": self.last_write,
+            "threshold": self.cfg.threshold, "last_route": self.last_route,
             "recent": [self._text(t) for t in sorted(self.traces, key=lambda t: -t.used)[:5]],
         }
 
