@@ -9,7 +9,6 @@ need a yes). It holds no terminal code and no model code; errors become one-line
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import statistics
 from collections.abc import Callable
@@ -190,6 +189,8 @@ def _memory(session: ChatSession, args: str) -> CommandResult:
         learned = "nothing yet"
     elif update.skipped:
         learned = f"last update skipped: {update.skipped}"
+    elif update.learner == "direct":
+        learned = update.note or "nothing"
     else:
         hits = sorted(((ce, tok) for tok, ce, hit in update.token_losses if hit), reverse=True)
         learned = " ".join(f"{tok!r}({ce:.2f})" for ce, tok in hits[:LEARNED_SHOWN]) or "none"
@@ -222,6 +223,9 @@ def _surprise(session: ChatSession, args: str) -> CommandResult:
     update = session.engine.wait_for_update()
     if update is None:
         return CommandResult("no message scored yet: say something first")
+    if update.learner == "direct":
+        return CommandResult(f"{session.engine.module.name} writes messages into memory directly and scores no "
+                             f"tokens; the last message: {update.note}")
     if not update.token_losses:
         reason = update.skipped or "no scored tokens"
         return CommandResult(f"the last message was not scored ({reason})")
@@ -281,9 +285,7 @@ def _set(session: ChatSession, args: str) -> CommandResult:
     if not value:
         return CommandResult(f"usage: /set {key} VALUE", error=True)
     if key == "system":
-        engine.wait_for_update()
-        engine.config.system_prompt = None if value.lower() == "none" else value
-        engine.backend.reset_session()  # the cached prefix starts with the old system prompt
+        engine.set_system_prompt(None if value.lower() == "none" else value)
         shown = repr(engine.config.system_prompt) if engine.config.system_prompt else "(none)"
         return CommandResult(f"system prompt: {shown}")
     try:
@@ -296,7 +298,7 @@ def _set(session: ChatSession, args: str) -> CommandResult:
                              error=True)
     if key == "temperature" and number > 10:
         return CommandResult(f"temperature must be in [0, 10], got {number}", error=True)
-    engine.config.decoding = dataclasses.replace(decoding, **{key: number})  # validates
+    engine.set_decoding(**{key: number})  # validates
     note = ""
     if key in {"temperature", "top_p"} and engine.config.decoding.resolved(engine.backend.supports_beam) != "sample":
         note = " (decoding is not sampling, so this has no effect; start with --non-deterministic to sample)"

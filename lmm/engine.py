@@ -10,6 +10,7 @@ autosave after it, context-window trimming and per-turn results. Scripts, benchm
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -23,7 +24,7 @@ from lmm.backends import Backend, DecodingConfig, load_backend
 from lmm.chat_format import Message
 from lmm.events import EventLog
 from lmm.hook import MemoryHook
-from lmm.learning import UpdateSummary, learn_from_message
+from lmm.learning import LEARNERS, UpdateSummary
 from lmm.memory import create_memory, get_memory_spec
 from lmm.memory.base import MemoryModule
 from lmm.models import artifacts_dir, resolve_model
@@ -59,12 +60,14 @@ class EngineConfig:
 
 @dataclass
 class GenerationResponse:
-    """One streamed piece of a reply (mlx-lm style): new text and the running figures."""
+    """One generated token (mlx-lm style): the text it completes (empty while a UTF-8 sequence is
+    unfinished), the running figures, and on the reply's last token why it ended."""
 
     text: str
     token: int
     generation_tokens: int
     generation_tps: float
+    finish_reason: str | None = None  # "stop", "length" or "interrupted" on the last token
 
 
 @dataclass
@@ -76,6 +79,7 @@ class TurnResult:
     time_to_first_token: float
     finish_reason: str
     update: UpdateSummary | None = None
+    tokens: list[int] = field(default_factory=list)  # the reply's token ids
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,10 +91,14 @@ class TurnResult:
 
 
 class ChatEngine:
+    """One conversation with one memory module on a loaded backend. Several engines may share a
+    backend; each owns its hook and installs it again whenever it runs the model."""
+
     def __init__(self, config: EngineConfig, *, backend: Backend | None = None,
                  on_notice: Callable[[str], None] = lambda msg: None) -> None:
         self.config = config
         self.notice = on_notice
+        self._owns_backend = backend is None  # loaded here: closed here
         if backend is None:
             resolved = resolve_model(config.model, local_files_only=config.local_files_only)
             backend = load_backend(config.backend, resolved.path, resolved.model_id, device=config.device,
@@ -126,35 +134,81 @@ class ChatEngine:
 
     def stream(self, user_text: str, should_stop: Callable[[], bool] = lambda: False
                ) -> Iterator[GenerationResponse]:
-        """Stream the reply to `user_text`; afterwards `self.last_turn` holds the TurnResult."""
+        """Stream the reply to `user_text`, one response per token; afterwards `self.last_turn`
+        holds the TurnResult, and the memory update runs (in the background by default)."""
         self.wait_for_update()
         self.messages.append({"role": "user", "content": user_text})
+        self._claim()
         prompt = self._fit_context()
-        fmt = self.backend.formatter
+        self.module.before_reply(self.chat_messages())
         tokens: list[int] = []
-        text = ""
-        start = time.perf_counter()
         try:
-            for tok in self.backend.generate(prompt, self.config.decoding, should_stop):
-                tokens.append(tok)
-                full = fmt.decode(tokens)
-                if full.endswith("\ufffd"):
-                    continue  # an incomplete UTF-8 sequence: wait for the next token
-                delta, text = full[len(text):], full
-                elapsed = time.perf_counter() - start
-                yield GenerationResponse(delta, tok, len(tokens), len(tokens) / elapsed if elapsed else 0.0)
+            yield from self._generate(prompt, self.config.decoding, should_stop, tokens)
         except BaseException:
             self.backend.reset_session()
             raise
         finally:
-            reply = fmt.decode(tokens).strip()
-            self.messages.append({"role": "assistant", "content": reply})
-            stats = self.backend.last_stats
-            self.last_turn = TurnResult(user_text, reply, stats.generated_tokens, stats.tokens_per_second,
-                                        stats.time_to_first_token, stats.finish_reason)
+            self.last_turn = self._turn_result(user_text, tokens)
+            self.messages.append({"role": "assistant", "content": self.last_turn.assistant})
             self.turns += 1
             self.history.append(self.last_turn)
         self._schedule_update(len(self.chat_messages()) - 2)
+
+    def respond(self, messages: list[Message], *, max_tokens: int | None = None, memory: bool = True,
+                fresh_cache: bool = True) -> TurnResult:
+        """A reply to `messages` (the engine's system prompt goes first) outside the conversation:
+        nothing is added to it and nothing is learned. `memory=False`: the plain model, hook
+        removed. Benchmarks use it for probes; the oldest exchanges go when the window is full."""
+        self.wait_for_update()
+        decoding = self.config.decoding if max_tokens is None else dataclasses.replace(
+            self.config.decoding, max_tokens=max_tokens)
+        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        msgs = system + [dict(m) for m in messages]
+        fmt = self.backend.formatter
+        prompt = fmt.generation_ids(msgs)
+        while len(prompt) > self.backend.context_length - decoding.max_tokens and len(msgs) > len(system) + 2:
+            del msgs[len(system):len(system) + 2]  # drop the oldest exchange
+            prompt = fmt.generation_ids(msgs)
+        if memory:
+            self._claim()
+            self.module.before_reply(msgs)
+        else:
+            self.backend.remove_hook()
+        if fresh_cache:
+            self.backend.reset_session()
+        tokens: list[int] = []
+        for _ in self._generate(prompt, decoding, lambda: False, tokens):
+            pass
+        return self._turn_result(msgs[-1]["content"] if msgs else "", tokens)
+
+    def _generate(self, prompt: list[int], decoding: DecodingConfig, should_stop: Callable[[], bool],
+                  tokens: list[int]) -> Iterator[GenerationResponse]:
+        """Every generated token as a response (held back by one, so that the last carries the
+        finish reason); `tokens` collects the ids."""
+        fmt = self.backend.formatter
+        text = ""
+        start = time.perf_counter()
+        held: GenerationResponse | None = None
+        for tok in self.backend.generate(prompt, decoding, should_stop):
+            tokens.append(tok)
+            full = fmt.decode(tokens)
+            delta = ""
+            if not full.endswith("\ufffd"):  # else an unfinished UTF-8 sequence: its text comes later
+                delta, text = full[len(text):], full
+            elapsed = time.perf_counter() - start
+            if held is not None:
+                yield held
+            held = GenerationResponse(delta, tok, len(tokens), len(tokens) / elapsed if elapsed else 0.0)
+        if held is not None:
+            held.text += fmt.decode(tokens)[len(text):]
+            held.finish_reason = self.backend.last_stats.finish_reason
+            yield held
+
+    def _turn_result(self, user_text: str, tokens: list[int]) -> TurnResult:
+        stats = self.backend.last_stats
+        return TurnResult(user_text, self.backend.formatter.decode(tokens).strip(), stats.generated_tokens,
+                          stats.tokens_per_second, stats.time_to_first_token, stats.finish_reason,
+                          tokens=list(tokens))
 
     def ask(self, user_text: str) -> TurnResult:
         """Reply to `user_text` and wait for the memory update that follows it."""
@@ -163,6 +217,22 @@ class ChatEngine:
         turn = self.last_turn
         turn.update = self.wait_for_update()
         return turn
+
+    # --- settings ---------------------------------------------------------------------
+    def set_decoding(self, **changes: Any) -> DecodingConfig:
+        """Change decoding settings (validated; a bad value raises ValueError and changes nothing)."""
+        self.config.decoding = dataclasses.replace(self.config.decoding, **changes)
+        return self.config.decoding
+
+    def set_system_prompt(self, text: str | None) -> None:
+        """A new system prompt (None: the template's default) for the following turns."""
+        self.wait_for_update()
+        self.config.system_prompt = text
+        self.backend.reset_session()  # the cached prefix starts with the old system prompt
+
+    def set_notice(self, notice: Callable[[str], None]) -> None:
+        """Where one-line notices go (the CLI prints them on stderr, the REPL styles them)."""
+        self.notice = notice
 
     def reset_chat(self) -> None:
         """Clear the chat history; the memory keeps what it learned."""
@@ -203,7 +273,8 @@ class ChatEngine:
         """One update, guarded: a state that is not finite afterwards is undone; a good one is autosaved."""
         before = self._state if self._state is not None else self._snapshot()
         count = self.module.update_count
-        summary = learn_from_message(self.backend, self.module, self.hook, self.log, messages, index)
+        self._claim()
+        summary = LEARNERS[self.module.kind](self.backend, self.module, self.hook, self.log, messages, index)
         if summary.skipped is not None:
             return summary
         start = time.perf_counter()
@@ -257,14 +328,21 @@ class ChatEngine:
             save_state(self.autosave_path, self.header(), tensors if tensors is not None else self._snapshot())
 
     def _install(self, module: MemoryModule) -> None:
+        module.attach(self.backend.view(), self.layer)  # may refuse the module: nothing changed yet
         self.module = module
         self._state = None
         self.last_update = None  # it described another memory (e.g. the previous user's)
         self.hook = MemoryHook(module, self.log, layer=self.layer, backend=self.backend.name,
                                model=self.backend.model_id, log_activations=self.config.log_activations)
         self.backend.install_hook(self.layer, self.hook)
-        module.attach(self.backend, self.layer)
         self.backend.reset_session()
+
+    def _claim(self) -> None:
+        """Make this engine's hook the backend's (another engine on the same backend may have run)."""
+        if self.backend.installed_hook is not self.hook:
+            self.backend.install_hook(self.layer, self.hook)
+            self.backend.reset_session()
+            self.module.reset_session()
 
     def header(self) -> StateHeader:
         return StateHeader(
@@ -288,18 +366,19 @@ class ChatEngine:
         check_compatible(header, path, module=self.module.name, model_id=self.backend.model_id,
                          hidden_size=self.backend.hidden_size, layer=self.layer)
         spec = get_memory_spec(header.module)
+        previous = self.module.config
         try:
             config = spec.config_cls.from_dict(header.config_dict())
             module = create_memory(header.module, hidden_size=self.backend.hidden_size, ops=self.backend.ops,
                                    seed=self.config.seed, config=config)
             module.load_state_tensors(tensors)
-        except ValueError as exc:
-            raise StateFileError(f"{path}: {exc}") from None
-        module.update_count = header.update_count
-        if config != self.module.config:
+            module.update_count = header.update_count
+            self._install(module)
+        except (ValueError, TypeError, KeyError) as exc:  # a config or tensor set that does not fit
+            raise StateFileError(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if config != previous:
             self.notice(f"memory config taken from {path.name}: {config.to_json()}")
         self.created_at = header.created_at
-        self._install(module)
         self._write_autosave()
 
     def forget(self) -> None:
@@ -312,6 +391,14 @@ class ChatEngine:
         self._write_autosave()
 
     def close(self) -> None:
+        """Finish the pending update, release the update thread (and the backend, if this engine
+        loaded it); the engine is not used after."""
         self.wait_for_update()
+        if self._executor._threads:  # the update thread ran: let it release what it holds
+            self._executor.submit(self.backend.release_thread).result()
         self._executor.shutdown(wait=True)
+        if self._owns_backend:
+            self.backend.close()
+        elif self.backend.installed_hook is self.hook:
+            self.backend.remove_hook()
         self.log.close()

@@ -206,7 +206,8 @@ class Repl:
         self.session = session
         self.engine = session.engine
         self.console = console or Console(highlight=False)
-        session.notice = self.engine.notice = self.notice
+        session.notice = self.notice
+        self.engine.set_notice(self.notice)
         if history is None:
             history = self._history()
         self.prompt = PromptSession(
@@ -418,6 +419,8 @@ class Repl:
             return "no update"
         if update.skipped:
             return f"not learned ({update.skipped})"
+        if update.learner == "direct":
+            return f"update {update.seconds:.2f}s · {update.note}"
         learned = sum(1 for *_, hit in update.token_losses if hit)
         loss = f"loss {update.loss:.2f} -> {update.loss_after:.2f}" if update.loss is not None else "loss -"
         return f"update {update.seconds:.2f}s · {loss} · {learned} token{'s' if learned != 1 else ''} learned"

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             passed += ok
             fluent += not is_degenerate(answer)
             print(f"{'PASS' if ok else 'FAIL'} {name}: {answer!r}", flush=True)
+    backend.close()
     n = len(names)
     print(f"Success rate: {passed}/{n}")
     print(f"Fluent answers: {fluent}/{n} (not degenerate)")

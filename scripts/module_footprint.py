@@ -1,8 +1,10 @@
 """State file size and update time per memory module after N user messages (embedded model).
 
 Every registered module (or `--modules`) chats through the same N neutral messages with short
-replies; the script prints the saved state size, the median and p95 update time per message and
-the wall time, all measured in one run so the modules can be compared.
+replies, with the crash-safe autosave on as in a chat with a save path; the script prints the
+saved state size, the median and p95 update time per message, and the median cost of crash
+safety per update (the finiteness check of the new state plus its atomic autosave, paid after
+the update in the background) with its ratio to the update time, all measured in one run.
 """
 
 from __future__ import annotations
@@ -36,17 +38,24 @@ def main() -> None:
     args = parser.parse_args()
     backend = load_shared_backend(args.backend, None)
     print(f"{args.messages} user messages, replies of {args.reply_tokens} tokens, {args.backend}")
-    print(f"{'module':<16} {'state bytes':>12} {'update median':>14} {'update p95':>11}")
+    print(f"{'module':<16} {'state bytes':>12} {'update median':>14} {'update p95':>11} {'safety median':>14} "
+          f"{'safety/update':>14}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.modules.split(","):
             engine = new_engine(backend, name, None, max_tokens=args.reply_tokens, seed=0)
-            times = []
+            engine.set_autosave(Path(tmp) / f"{name}.safetensors.unsaved")
+            times, safety = [], []
             for text in (MESSAGES * 2)[: args.messages]:
-                turn = engine.ask(text)
-                times.append(turn.update.seconds)
+                update = engine.ask(text).update
+                times.append(update.seconds)
+                if update.autosave_seconds is not None:
+                    safety.append(update.autosave_seconds)
             path = engine.save_memory(Path(tmp) / f"{name}.safetensors")
             engine.close()
-            print(f"{name:<16} {path.stat().st_size:>12,} {median(times):>13.3f}s {p95(times):>10.3f}s")
+            ratio = median(safety) / median(times) if safety else float("nan")
+            print(f"{name:<16} {path.stat().st_size:>12,} {median(times):>13.3f}s {p95(times):>10.3f}s "
+                  f"{median(safety):>13.4f}s {ratio:>14.3f}")
+    backend.close()
 
 
 if __name__ == "__main__":

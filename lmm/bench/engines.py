@@ -1,20 +1,18 @@
 """Benchmark plumbing: module options from the command line, the shared backend, fresh engines.
 
 Owns how a benchmark or smoke run loads one backend for all its rows and builds a fresh engine
-(fresh module, greedy, no logs, synchronous updates) per session on it, and plain replies from
-the backend without any memory. It measures nothing itself: `lmm.bench.runner` does.
+(fresh module, greedy, no logs, synchronous updates) per session on it. Replies, with the
+memory or without it (`ChatEngine.respond(memory=False)`), come from the engines. It measures
+nothing itself: `lmm.bench.runner` does.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 from lmm.backends import DecodingConfig, load_backend
 from lmm.backends.base import Backend
-from lmm.bench.records import Reply
-from lmm.chat_format import Message
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory import get_memory_spec
 from lmm.models import resolve_model
@@ -83,36 +81,3 @@ def new_engine(backend: Backend, memory: str, options: dict[str, str] | None, *,
     engine = ChatEngine(config, backend=backend)
     engine.learning = learning
     return engine
-
-
-def set_max_tokens(engine: ChatEngine, max_tokens: int) -> None:
-    engine.config.decoding = dataclasses.replace(engine.config.decoding, max_tokens=max_tokens)
-
-
-# --- one generation with its token ids ------------------------------------------------------
-def generate_reply(backend: Backend, messages: list[Message], max_tokens: int, seed: int,
-                   fresh_cache: bool = True,
-                   repetition_penalty: float = DecodingConfig.repetition_penalty,
-                   no_repeat_ngram: int = DecodingConfig.no_repeat_ngram) -> Reply:
-    """Greedy reply to `messages` with whatever hook is installed, keeping the token ids.
-
-    `ChatEngine.stream` does not expose every token id (it skips yielding tokens that end in
-    an incomplete UTF-8 sequence), and token agreement needs them, so probes call the
-    backend the way the engine does: the same chat rendering, from a fresh session cache
-    (or, with `fresh_cache=False`, reusing the cached prefix as the engine does in a chat)."""
-    fmt = backend.formatter
-    decoding = DecodingConfig(strategy="greedy", max_tokens=max_tokens, seed=seed,
-                              repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram)
-    msgs = list(messages)
-    budget = backend.context_length - max_tokens
-    prompt = fmt.generation_ids(msgs)
-    while len(prompt) > budget and len(msgs) > 2:  # mirror the engine: drop the oldest exchange
-        first = 1 if msgs[0]["role"] == "system" else 0
-        del msgs[first:first + 2]
-        prompt = fmt.generation_ids(msgs)
-    if fresh_cache:
-        backend.reset_session()
-    tokens = list(backend.generate(prompt, decoding))
-    stats = backend.last_stats
-    return Reply(fmt.decode(tokens).strip(), tokens, stats.generated_tokens, stats.generation_seconds,
-                 stats.time_to_first_token)

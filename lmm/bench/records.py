@@ -7,20 +7,14 @@ figures the table shows (recall, locality, fluency, speed, state size). It runs 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from lmm.bench.metrics import has_loop, is_degenerate, median, p95, recalls, token_agreement
 from lmm.engine import TurnResult
 
 
-@dataclass
-class Reply:
-    text: str
-    tokens: list[int]
-    generated_tokens: int
-    generation_seconds: float
-    ttft: float
+def generation_seconds(turn: TurnResult) -> float:
+    return turn.generation_tokens / turn.tokens_per_second if turn.tokens_per_second else 0.0
 
 
 def turn_record(turn: TurnResult) -> dict[str, Any]:
@@ -28,7 +22,7 @@ def turn_record(turn: TurnResult) -> dict[str, Any]:
     learned = update is not None and update.skipped != "incognito"
     return {
         "user": turn.user, "assistant": turn.assistant, "generation_tokens": turn.generation_tokens,
-        "generation_seconds": turn.generation_tokens / turn.tokens_per_second if turn.tokens_per_second else 0.0,
+        "generation_seconds": generation_seconds(turn),
         "ttft": turn.time_to_first_token,
         "update_seconds": update.seconds if learned else None,
         "n_selected": len(update.selected_tokens) if update is not None else 0,
@@ -38,17 +32,17 @@ def turn_record(turn: TurnResult) -> dict[str, Any]:
 
 def answer_record(turn: TurnResult) -> dict[str, Any]:
     return {"answer": turn.assistant, "generation_tokens": turn.generation_tokens,
-            "generation_seconds": turn.generation_tokens / turn.tokens_per_second if turn.tokens_per_second else 0.0,
+            "generation_seconds": generation_seconds(turn),
             "ttft": turn.time_to_first_token}
 
 
-def probe_record(prompt: str, source: str | None, reply: Reply, baseline: dict[str, Any]) -> dict[str, Any]:
+def probe_record(prompt: str, source: str | None, reply: TurnResult, baseline: dict[str, Any]) -> dict[str, Any]:
     return {
-        "prompt": prompt, "memory_from": source, "answer": reply.text, "tokens": reply.tokens,
+        "prompt": prompt, "memory_from": source, "answer": reply.assistant, "tokens": reply.tokens,
         "baseline": baseline["answer"], "identical": reply.tokens == baseline["tokens"],
         "agreement": token_agreement(reply.tokens, baseline["tokens"]),
-        "generation_tokens": reply.generated_tokens, "generation_seconds": reply.generation_seconds,
-        "ttft": reply.ttft,
+        "generation_tokens": reply.generation_tokens, "generation_seconds": generation_seconds(reply),
+        "ttft": reply.time_to_first_token,
     }
 
 

@@ -63,14 +63,13 @@ from lmm.backends.base import Backend
 from lmm.bench.engines import (
     check_module_options,
     compute_threads,
-    generate_reply,
     load_shared_backend,
     new_engine,
-    set_max_tokens,
 )
 from lmm.bench.metrics import median
 from lmm.bench.records import (
     answer_record,
+    generation_seconds,
     nan_to_none,
     probe_record,
     summarize_row,
@@ -88,13 +87,7 @@ IN_CONTEXT_ROW = "in-context"
 IDENTITY = "identity"
 REFERENCE_ROWS = (NONE_ROW, IN_CONTEXT_ROW)
 
-# Defaults chosen by measurement on the 2-core CPU (torch, SmolLM2-135M): session-1 replies
-# (6 per scenario per row: 192 per row on facts.jsonl) dominate the run time after the
-# modules' own updates, and only shape the history a module learns in, so they are short;
-# answers need room for one sentence that names the fact (in a --limit 4 run at 32 tokens the
-# keyword, when present, came within the first ~15 tokens) and enough words for the
-# degeneration test. At answers 32 / replies 16 a full run of 7 rows projected to 56 min on
-# the shared machine; 24 / 12 (and `none` skipping its stateless session 1) cut about a fifth.
+# Answer and reply lengths were chosen by measured run time: docs/benchmarks.md.
 DEFAULT_ANSWER_TOKENS = 24
 DEFAULT_REPLY_TOKENS = 12
 # Probes per row whose plain-model reply is re-timed right before the row's reply (tokens/s ratio).
@@ -124,7 +117,7 @@ class BenchConfig:
     no_repeat_ngram: int = 0
 
     def loop_guard(self) -> dict[str, Any]:
-        """The decoding options against loops, as `new_engine` and `generate_reply` take them."""
+        """The decoding options against loops, as `new_engine` takes them."""
         return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram": self.no_repeat_ngram}
 
     def scenario_path(self) -> Path:
@@ -254,41 +247,34 @@ class BenchRunner:
     # --- the plain model ----------------------------------------------------------------
     def _plain_probes(self) -> list[dict[str, Any]]:
         """Probe replies of the model with no hook at all: the locality reference and the speed baseline."""
-        self.backend.remove_hook()
-        generate_reply(self.backend, [{"role": "user", "content": "Hello!"}], 4, self.config.seed,
-                       **self.config.loop_guard())  # warm-up
+        plain = self._engine(IDENTITY, {}, self.config.answer_tokens, learning=False)
+        plain.respond([{"role": "user", "content": "Hello!"}], max_tokens=4, memory=False)  # warm-up
         out = []
         for prompt in self.probes:
-            reply = generate_reply(self.backend, [{"role": "user", "content": prompt}],
-                                   self.config.answer_tokens, self.config.seed,
-                                   **self.config.loop_guard())
-            out.append({"prompt": prompt, "answer": reply.text, "tokens": reply.tokens,
-                        "generation_tokens": reply.generated_tokens, "generation_seconds": reply.generation_seconds,
-                        "ttft": reply.ttft})
+            reply = plain.respond([{"role": "user", "content": prompt}], memory=False)
+            out.append({"prompt": prompt, "answer": reply.assistant, "tokens": reply.tokens,
+                        "generation_tokens": reply.generation_tokens,
+                        "generation_seconds": generation_seconds(reply), "ttft": reply.time_to_first_token})
             self.advance("plain model (probes)")
+        plain.close()
         return out
 
     def _probe(self, j: int, prompt: str, engine: ChatEngine, source: str | None,
                history: list[Message] | None = None) -> dict[str, Any]:
-        messages = engine.chat_messages() if history is None else list(history)
-        messages = messages + [{"role": "user", "content": prompt}]
+        messages = list(engine.messages if history is None else history) + [{"role": "user", "content": prompt}]
         plain = None
         if j < SPEED_PAIRS:
             # Time the plain model on the same prompt right before, so that the tokens/s ratio
             # compares two measurements taken under the same machine load.
-            self.backend.remove_hook()
-            plain = generate_reply(self.backend, [{"role": "user", "content": prompt}],
-                                   self.config.answer_tokens, self.config.seed,
-                                   **self.config.loop_guard())
-            self.backend.install_hook(engine.layer, engine.hook)
-            self.backend.reset_session()
-        reply = generate_reply(self.backend, messages, self.config.answer_tokens, self.config.seed,
-                               **self.config.loop_guard(),
+            plain = engine.respond([{"role": "user", "content": prompt}], max_tokens=self.config.answer_tokens,
+                                   memory=False)
+        reply = engine.respond(messages, max_tokens=self.config.answer_tokens,
                                fresh_cache=history is None or len(history) == 0)
         record = probe_record(prompt, source, reply, self._plain[j])
         if plain is not None:
-            record["paired_plain"] = {"generation_tokens": plain.generated_tokens,
-                                      "generation_seconds": plain.generation_seconds, "ttft": plain.ttft}
+            record["paired_plain"] = {"generation_tokens": plain.generation_tokens,
+                                      "generation_seconds": generation_seconds(plain),
+                                      "ttft": plain.time_to_first_token}
         return record
 
     def _warmup(self, module: str, options: dict[str, str]) -> None:
@@ -321,7 +307,7 @@ class BenchRunner:
             record: dict[str, Any] = {"name": sc.name, "query": sc.query, "expect": list(sc.expect), "turns": turns}
             if in_context:
                 histories.append(engine.chat_messages())
-                set_max_tokens(engine, cfg.answer_tokens)
+                engine.set_decoding(max_tokens=cfg.answer_tokens)
                 before = len(engine.messages)
                 record.update(answer_record(engine.ask(sc.query)))
                 dropped += max(0, before + 2 - len(engine.messages))
@@ -405,7 +391,7 @@ class BenchRunner:
         assert engine is not None
         if in_context:
             history = engine.chat_messages()
-            set_max_tokens(engine, cfg.answer_tokens)
+            engine.set_decoding(max_tokens=cfg.answer_tokens)
             engine.learning = False
             kept = list(engine.messages)
         else:
@@ -442,6 +428,7 @@ def run_benchmark(config: BenchConfig, backend: Backend | None = None, *, progre
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    owned = backend is None
     if backend is None:
         backend = load_shared_backend(config.backend, config.model, config.threads)
     console = Console(stderr=True)
@@ -461,7 +448,11 @@ def run_benchmark(config: BenchConfig, backend: Backend | None = None, *, progre
                              advance=lambda desc: bar.update(task, advance=1, description=desc[:44]),
                              on_row=on_row)
         bar.update(task, total=runner.total_steps())
-        results = runner.run()
+        try:
+            results = runner.run()
+        finally:
+            if owned:
+                backend.close()
         bar.update(task, description="done")
     return results
 
