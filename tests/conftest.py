@@ -25,6 +25,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """mlx 0.32 needs its streams cleared before the interpreter exits, or the process may abort."""
+    import sys
+
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].synchronize()
+        sys.modules["mlx.core"].clear_streams()
+
+
 @pytest.fixture(params=["torch", pytest.param("mlx_lm", marks=pytest.mark.mlx)])
 def backend_name(request: pytest.FixtureRequest) -> str:
     """Each test using it runs once per backend."""

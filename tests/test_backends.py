@@ -8,36 +8,12 @@ and generation with a reused prefix equals generation from scratch.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from lmm.backends import DecodingConfig, load_backend
-from lmm.backends.base import Backend
+from lmm.backends import DecodingConfig
 from lmm.memory.base import RewriteContext
 from lmm.testing import FAMILIES
-
-BACKENDS = ["torch", pytest.param("mlx_lm", marks=pytest.mark.skipif(
-    importlib.util.find_spec("mlx") is None, reason="mlx is not installed"))]
-_cache: dict[tuple[str, str], Backend] = {}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_name(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-def get_backend(name: str, family: str, tiny_models: dict[str, Path]) -> Backend:
-    key = (name, family)
-    if key not in _cache:
-        _cache[key] = load_backend(name, tiny_models[family], f"tiny-{family}")
-    backend = _cache[key]
-    backend.remove_hook()
-    backend.reset_session()
-    return backend
-
 
 MESSAGES = [
     {"role": "user", "content": "the cat sat on the mat and looked at the moon"},
@@ -47,16 +23,16 @@ MESSAGES = [
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_layers_found(backend_name: str, family: str, tiny_models: dict[str, Path]) -> None:
-    backend = get_backend(backend_name, family, tiny_models)
+def test_layers_found(backend_name: str, family: str, tiny_backend) -> None:
+    backend = tiny_backend(backend_name, family)
     assert backend.num_layers == 4
     assert backend.layer_path == "model.layers"
     assert backend.hidden_size == 64
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefix_cache_matches_full_forward(backend_name: str, family: str, tiny_models: dict[str, Path]) -> None:
-    backend = get_backend(backend_name, family, tiny_models)
+def test_prefix_cache_matches_full_forward(backend_name: str, family: str, tiny_backend) -> None:
+    backend = tiny_backend(backend_name, family)
     ops = backend.ops
     ids = backend.formatter.generation_ids(MESSAGES)
     split = len(ids) // 2
@@ -72,8 +48,8 @@ def test_prefix_cache_matches_full_forward(backend_name: str, family: str, tiny_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_views_leave_session_cache_intact(backend_name: str, family: str, tiny_models: dict[str, Path]) -> None:
-    backend = get_backend(backend_name, family, tiny_models)
+def test_views_leave_session_cache_intact(backend_name: str, family: str, tiny_backend) -> None:
+    backend = tiny_backend(backend_name, family)
     ids = backend.formatter.generation_ids(MESSAGES)
     decoding = DecodingConfig(max_tokens=6)
     fresh = list(backend.generate(ids, decoding))
@@ -94,8 +70,8 @@ def test_views_leave_session_cache_intact(backend_name: str, family: str, tiny_m
     assert list(backend.generate(follow, decoding)) == reused
 
 
-def test_hook_sees_phase_and_offset(backend_name: str, tiny_models: dict[str, Path]) -> None:
-    backend = get_backend(backend_name, "llama", tiny_models)
+def test_hook_sees_phase_and_offset(backend_name: str, tiny_backend) -> None:
+    backend = tiny_backend(backend_name, "llama")
     seen: list[tuple[str, int, tuple[int, ...]]] = []
 
     def hook(hidden, ctx: RewriteContext):
@@ -115,8 +91,8 @@ def test_hook_sees_phase_and_offset(backend_name: str, tiny_models: dict[str, Pa
     assert len(seen) == n  # removed hooks are not called
 
 
-def test_sampling_is_seeded_and_identical_across_runs(backend_name: str, tiny_models: dict[str, Path]) -> None:
-    backend = get_backend(backend_name, "qwen3", tiny_models)
+def test_sampling_is_seeded_and_identical_across_runs(backend_name: str, tiny_backend) -> None:
+    backend = tiny_backend(backend_name, "qwen3")
     ids = backend.formatter.generation_ids(MESSAGES[:1])
     decoding = DecodingConfig(strategy="sample", deterministic=False, temperature=1.0, max_tokens=8, seed=3)
     a = list(backend.generate(ids, decoding))
@@ -125,8 +101,8 @@ def test_sampling_is_seeded_and_identical_across_runs(backend_name: str, tiny_mo
     assert a == b
 
 
-def test_beam_search_torch(tiny_models: dict[str, Path]) -> None:
-    backend = get_backend("torch", "llama", tiny_models)
+def test_beam_search_torch(tiny_backend) -> None:
+    backend = tiny_backend("torch", "llama")
     ids = backend.formatter.generation_ids(MESSAGES[:1])
     out = list(backend.generate(ids, DecodingConfig(strategy="beam", num_beams=3, max_tokens=6)))
     assert 0 < len(out) <= 6

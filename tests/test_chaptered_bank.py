@@ -8,21 +8,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm.backends import DecodingConfig, load_backend
+from lmm.backends import DecodingConfig
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory import create_memory
 from lmm.memory.base import RewriteContext
 from lmm.memory.chaptered_bank import ChapteredBank, ChapteredBankConfig, dequantize_rows, quantize_rows
 
-BACKENDS = ("torch", "mlx_lm")
+BACKENDS = ("torch", pytest.param("mlx_lm", marks=pytest.mark.mlx))
 FACT = "My name is Alice and I live in Paris."
-_LOADED: dict[tuple[str, str], Any] = {}
 
-
-def backend(name: str, models: dict[str, Path], family: str = "llama") -> Any:
-    if (name, family) not in _LOADED:
-        _LOADED[name, family] = load_backend(name, models[family], f"tiny-{family}")
-    return _LOADED[name, family]
 
 
 def engine(be: Any, **options: Any) -> ChatEngine:
@@ -57,8 +51,8 @@ def test_config_rejects_bad_values(field: str, value: Any) -> None:
     {"routing": "sequence"}, {"routing": "rolling", "window": 3}, {"routing": "token", "top_k": 3},
     {"low_rank": 2, "d_mem": 16},
 ])
-def test_fresh_bank_is_exactly_the_identity(name: str, options: dict, tiny_models: dict[str, Path]) -> None:
-    be = backend(name, tiny_models)
+def test_fresh_bank_is_exactly_the_identity(name: str, options: dict, tiny_backend) -> None:
+    be = tiny_backend(name)
     module, ops = bank(be, **options), be.ops
     x = ops.asarray(np.random.default_rng(1).normal(0, 3, size=(1, 7, be.hidden_size)).astype(np.float32))
     for phase, offset in (("generate", 0), ("generate", 7), ("score", 3)):
@@ -67,8 +61,8 @@ def test_fresh_bank_is_exactly_the_identity(name: str, options: dict, tiny_model
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_update_lowers_loss_and_changes_only_the_selected_chapters(name: str, tiny_models: dict[str, Path]) -> None:
-    eng = engine(backend(name, tiny_models), top_k=2)
+def test_update_lowers_loss_and_changes_only_the_selected_chapters(name: str, tiny_backend) -> None:
+    eng = engine(tiny_backend(name), top_k=2)
     module = eng.module
     assert isinstance(module, ChapteredBank)
     before = numpy_params(module)
@@ -88,8 +82,8 @@ def test_update_lowers_loss_and_changes_only_the_selected_chapters(name: str, ti
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("routing", ["sequence", "rolling", "token"])
-def test_routing_modes_run_and_count_usage(name: str, routing: str, tiny_models: dict[str, Path]) -> None:
-    eng = engine(backend(name, tiny_models), routing=routing, window=4, top_k=2)
+def test_routing_modes_run_and_count_usage(name: str, routing: str, tiny_backend) -> None:
+    eng = engine(tiny_backend(name), routing=routing, window=4, top_k=2)
     module = eng.module
     assert isinstance(module, ChapteredBank)
     eng.ask(FACT)
@@ -108,9 +102,9 @@ def test_routing_modes_run_and_count_usage(name: str, routing: str, tiny_models:
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("routing", ["sequence", "rolling"])
-def test_session_history_matches_one_pass(name: str, routing: str, tiny_models: dict[str, Path]) -> None:
+def test_session_history_matches_one_pass(name: str, routing: str, tiny_backend) -> None:
     """Feeding positions in pieces (with a cut-back cache) routes like feeding them at once."""
-    be = backend(name, tiny_models)
+    be = tiny_backend(name)
     ops = be.ops
     x = np.random.default_rng(2).normal(0, 3, size=(1, 9, be.hidden_size)).astype(np.float32)
     whole, pieces = bank(be, routing=routing, window=3), bank(be, routing=routing, window=3)
@@ -130,8 +124,8 @@ def test_session_history_matches_one_pass(name: str, routing: str, tiny_models: 
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_eight_bit_state_round_trip(name: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    be = backend(name, tiny_models)
+def test_eight_bit_state_round_trip(name: str, tiny_backend, tmp_path: Path) -> None:
+    be = tiny_backend(name)
     eng = engine(be, storage_bits=8, low_rank=2)
     eng.ask(FACT)
     module = eng.module
@@ -157,8 +151,8 @@ def test_eight_bit_state_round_trip(name: str, tiny_models: dict[str, Path], tmp
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_usage_counts_persist(name: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    be = backend(name, tiny_models)
+def test_usage_counts_persist(name: str, tiny_backend, tmp_path: Path) -> None:
+    be = tiny_backend(name)
     eng = engine(be)
     eng.ask(FACT)
     path = eng.save_memory(tmp_path / "bank.safetensors")
@@ -168,10 +162,10 @@ def test_usage_counts_persist(name: str, tiny_models: dict[str, Path], tmp_path:
     assert other.module.summary()["usage_update"] == eng.module.summary()["usage_update"]
 
 
-def test_torch_and_mlx_agree_after_a_session(tiny_models: dict[str, Path]) -> None:
+def test_torch_and_mlx_agree_after_a_session(tiny_backend) -> None:
     results = {}
-    for name in BACKENDS:
-        eng = engine(backend(name, tiny_models), routing="rolling", window=8, top_k=2)
+    for name in ("torch", "mlx_lm"):
+        eng = engine(tiny_backend(name), routing="rolling", window=8, top_k=2)
         replies = [eng.ask(text).assistant for text in (FACT, "Where do I live?")]
         results[name] = (replies, eng.module.state_tensors(), eng.module.summary())
     (r_t, s_t, m_t), (r_m, s_m, m_m) = results["torch"], results["mlx_lm"]

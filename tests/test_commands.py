@@ -13,26 +13,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmm.backends import DecodingConfig, load_backend
+from lmm.backends import DecodingConfig
 from lmm.commands import COMMANDS, complete, format_surprise, run_command
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.session import ChatSession, user_state_path
 from lmm.state import read_state
-from lmm.testing import tiny_model_dir
 
 TEACH = ["My name is Alice and I live in Paris.", "My cat is called Pepper and my colour is blue."]
 PROBES = ["Hello! What is my name?", "Where do I live?", "Tell me about my cat."]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model_dir("llama", tmp_path_factory.getbasetemp() / "repl_tiny_models")
+@pytest.fixture
+def tiny_llama(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["llama"]
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_llama: Path):
-    """One loaded tiny model shared by the engines of this module (an engine re-hooks it)."""
-    return load_backend("torch", tiny_llama, "tiny-llama", device="cpu", dtype="float32")
+@pytest.fixture
+def backend(tiny_backend):
+    """The shared tiny llama on torch (each engine claims its hook when it runs)."""
+    return tiny_backend("torch", "llama")
 
 
 @pytest.fixture(autouse=True)
@@ -296,22 +295,33 @@ def test_zero_leakage_between_users(make_session) -> None:
 
 
 @pytest.mark.integration
-def test_zero_leakage_embedded_model() -> None:
-    """On the real model: a made-up word taught to alice never shows in bob's answer."""
+def test_zero_leakage_embedded_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the real model, with a module that recalls: alice's name comes back to alice after a
+    new chat (the positive control: the check can see a recall) and never reaches bob."""
     from lmm.models import EMBEDDED_MODEL_ID
 
     folder = Path(__file__).resolve().parents[1] / "artifacts" / "models" / EMBEDDED_MODEL_ID
     if not (folder / "config.json").exists():
         pytest.skip("embedded model not converted")
-    config = EngineConfig(model=str(folder), backend="torch", memory="lora_on_user",
-                          memory_options={"lr": "0.01", "steps": "3"}, activation_log_path=None,
-                          background_updates=False, decoding=DecodingConfig(max_tokens=16))
+    monkeypatch.setenv("LMM_ARTIFACTS", str(tmp_path))
+    config = EngineConfig(model=str(folder), backend="torch", memory="trace_bank", activation_log_path=None,
+                          background_updates=False, decoding=DecodingConfig(max_tokens=24))
     session = ChatSession(ChatEngine(config), user="alice")
     session.start()
-    session.engine.ask("My secret password is Zorblaxian. Remember: Zorblaxian.")
-    assert session.engine.module.update_count == 1
-    run_command(session, "/user bob")
-    assert "Zorblaxian" not in session.engine.ask("What is my secret password?").assistant
+    try:
+        engine = session.engine
+        engine.ask("I am Ottoline.")
+        engine.reset_chat()
+        assert "Ottoline" in engine.ask("What is my name?").assistant  # alice: recalled with no history
+        run_command(session, "/user bob")
+        engine.reset_chat()
+        assert "Ottoline" not in engine.ask("What is my name?").assistant
+        run_command(session, "/user alice")  # and alice still has it
+        engine.reset_chat()
+        assert "Ottoline" in engine.ask("What is my name?").assistant
+    finally:
+        session.close()
+        session.engine.close()
 
 
 # --- odd input -----------------------------------------------------------------------------------

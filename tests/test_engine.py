@@ -12,27 +12,21 @@ from lmm.backends import DecodingConfig
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.events import loss_by_decoded_token
 from lmm.state import StateFileError, read_state, save_state
-from tests.test_backends import BACKENDS, get_backend
 
 TEACH = "the cat sat on the mat and looked at the moon"
 
 
-def make_engine(backend_name: str, tiny_models: dict[str, Path], tmp_path: Path, memory: str = "lora_on_user",
+def make_engine(backend_name: str, tiny_backend, tmp_path: Path, memory: str = "lora_on_user",
                 **overrides) -> ChatEngine:
-    backend = get_backend(backend_name, "llama", tiny_models)
+    backend = tiny_backend(backend_name, "llama")
     settings = dict(memory=memory, memory_options={"lr": "0.01"} if memory == "lora_on_user" else {},
                     activation_log_path=tmp_path / "log.jsonl", decoding=DecodingConfig(max_tokens=8))
     config = EngineConfig(**{**settings, **overrides})
     return ChatEngine(config, backend=backend)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend_name(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-def test_update_learns_content_tokens_and_logs(backend_name: str, tiny_models, tmp_path: Path) -> None:
-    engine = make_engine(backend_name, tiny_models, tmp_path)
+def test_update_learns_content_tokens_and_logs(backend_name: str, tiny_backend, tmp_path: Path) -> None:
+    engine = make_engine(backend_name, tiny_backend, tmp_path)
     turn = engine.ask(TEACH)
     engine.close()
     update = turn.update
@@ -58,10 +52,10 @@ def test_update_learns_content_tokens_and_logs(backend_name: str, tiny_models, t
     assert activations[0]["layer"] == engine.layer == 2
 
 
-def test_background_update_equals_synchronous(tiny_models, tmp_path: Path) -> None:
+def test_background_update_equals_synchronous(tiny_backend, tmp_path: Path) -> None:
     states = []
     for background in (True, False):
-        engine = make_engine("torch", tiny_models, tmp_path, background_updates=background)
+        engine = make_engine("torch", tiny_backend, tmp_path, background_updates=background)
         for text in (TEACH, "what did the cat see"):
             engine.ask(text)
         states.append(engine.module.state_tensors())
@@ -70,8 +64,8 @@ def test_background_update_equals_synchronous(tiny_models, tmp_path: Path) -> No
         np.testing.assert_array_equal(states[0][key], states[1][key])
 
 
-def test_save_waits_for_pending_update_and_roundtrips(tiny_models, tmp_path: Path) -> None:
-    engine = make_engine("torch", tiny_models, tmp_path)
+def test_save_waits_for_pending_update_and_roundtrips(tiny_backend, tmp_path: Path) -> None:
+    engine = make_engine("torch", tiny_backend, tmp_path)
     for _ in engine.stream(TEACH):
         pass  # the update is now scheduled in the background
     path = engine.save_memory(tmp_path / "m.safetensors")
@@ -86,9 +80,9 @@ def test_save_waits_for_pending_update_and_roundtrips(tiny_models, tmp_path: Pat
     engine.close()
 
 
-def test_same_seed_same_state_different_seed_differs(tiny_models, tmp_path: Path) -> None:
+def test_same_seed_same_state_different_seed_differs(tiny_backend, tmp_path: Path) -> None:
     def run(seed: int) -> dict:
-        engine = make_engine("torch", tiny_models, tmp_path, seed=seed)
+        engine = make_engine("torch", tiny_backend, tmp_path, seed=seed)
         engine.ask(TEACH)
         state = engine.module.state_tensors()
         engine.close()
@@ -100,16 +94,16 @@ def test_same_seed_same_state_different_seed_differs(tiny_models, tmp_path: Path
     assert not np.array_equal(a["param.A"], c["param.A"])
 
 
-def test_incognito_makes_no_update(tiny_models, tmp_path: Path) -> None:
-    engine = make_engine("torch", tiny_models, tmp_path)
+def test_incognito_makes_no_update(tiny_backend, tmp_path: Path) -> None:
+    engine = make_engine("torch", tiny_backend, tmp_path)
     engine.learning = False
     turn = engine.ask(TEACH)
     assert turn.update.skipped == "incognito" and engine.module.update_count == 0
     engine.close()
 
 
-def test_logging_failure_is_reported_once_and_chat_goes_on(tiny_models, tmp_path: Path, capsys) -> None:
-    engine = make_engine("torch", tiny_models, tmp_path, activation_log_path=tmp_path)  # a directory
+def test_logging_failure_is_reported_once_and_chat_goes_on(tiny_backend, tmp_path: Path, capsys) -> None:
+    engine = make_engine("torch", tiny_backend, tmp_path, activation_log_path=tmp_path)  # a directory
     engine.ask(TEACH)
     engine.ask("what did the cat see")
     engine.close()
@@ -117,17 +111,17 @@ def test_logging_failure_is_reported_once_and_chat_goes_on(tiny_models, tmp_path
     assert err.count("event log disabled") == 1
 
 
-def test_mismatched_state_is_refused_and_untouched(tiny_models, tmp_path: Path) -> None:
-    engine = make_engine("torch", tiny_models, tmp_path)
+def test_mismatched_state_is_refused_and_untouched(tiny_backend, tmp_path: Path) -> None:
+    engine = make_engine("torch", tiny_backend, tmp_path)
     engine.ask(TEACH)
     path = engine.save_memory(tmp_path / "lora.safetensors")
     engine.close()
     before = path.read_bytes()
-    other = make_engine("torch", tiny_models, tmp_path, memory="identity")
+    other = make_engine("torch", tiny_backend, tmp_path, memory="identity")
     with pytest.raises(StateFileError, match="module 'lora_on_user'.*module 'identity'"):
         other.load_memory(path)
     other.close()
-    shifted = make_engine("torch", tiny_models, tmp_path, layer=1)
+    shifted = make_engine("torch", tiny_backend, tmp_path, layer=1)
     with pytest.raises(StateFileError, match="layer 2.*layer 1"):
         shifted.load_memory(path)
     shifted.close()
@@ -147,8 +141,8 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path: Path) -> None:
         read_state(foreign)
 
 
-def test_interrupted_save_keeps_previous_file(tiny_models, tmp_path: Path, monkeypatch) -> None:
-    engine = make_engine("torch", tiny_models, tmp_path)
+def test_interrupted_save_keeps_previous_file(tiny_backend, tmp_path: Path, monkeypatch) -> None:
+    engine = make_engine("torch", tiny_backend, tmp_path)
     path = engine.save_memory(tmp_path / "keep.safetensors")
     before = path.read_bytes()
     engine.ask(TEACH)
@@ -165,9 +159,9 @@ def test_interrupted_save_keeps_previous_file(tiny_models, tmp_path: Path, monke
     engine.close()
 
 
-def test_layer_out_of_range(tiny_models, tmp_path: Path) -> None:
+def test_layer_out_of_range(tiny_backend, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="out of range"):
-        make_engine("torch", tiny_models, tmp_path, layer=9)
+        make_engine("torch", tiny_backend, tmp_path, layer=9)
 
 
 def test_loss_by_decoded_token_suffixes_repeats() -> None:

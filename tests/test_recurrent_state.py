@@ -8,21 +8,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm.backends import DecodingConfig, load_backend
+from lmm.backends import DecodingConfig
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory import create_memory
 from lmm.memory.base import RewriteContext
 from lmm.memory.recurrent_state import RecurrentState, RecurrentStateConfig
 
-BACKENDS = ("torch", "mlx_lm")
+BACKENDS = ("torch", pytest.param("mlx_lm", marks=pytest.mark.mlx))
 FACT = "My name is Alice and I live in Paris."
-_LOADED: dict[str, Any] = {}
 
-
-def backend(name: str, models: dict[str, Path]) -> Any:
-    if name not in _LOADED:
-        _LOADED[name] = load_backend(name, models["llama"], "tiny-llama")
-    return _LOADED[name]
 
 
 def engine(be: Any, **options: Any) -> ChatEngine:
@@ -58,8 +52,8 @@ def test_config_rejects_bad_values(field: str, value: Any) -> None:
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_fresh_module_is_exactly_the_identity(name: str, tiny_models: dict[str, Path]) -> None:
-    be = backend(name, tiny_models)
+def test_fresh_module_is_exactly_the_identity(name: str, tiny_backend) -> None:
+    be = tiny_backend(name)
     module, ops = fresh(be), be.ops
     x = hidden(be, 7)
     for phase, offset in (("generate", 0), ("generate", 7), ("score", 3), ("train", 14)):
@@ -68,8 +62,8 @@ def test_fresh_module_is_exactly_the_identity(name: str, tiny_models: dict[str, 
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_state_follows_the_cache_and_only_generate_advances_it(name: str, tiny_models: dict[str, Path]) -> None:
-    be = backend(name, tiny_models)
+def test_state_follows_the_cache_and_only_generate_advances_it(name: str, tiny_backend) -> None:
+    be = tiny_backend(name)
     ops = be.ops
     x = hidden(be, 9)
     whole, pieces = fresh(be), fresh(be)
@@ -91,8 +85,8 @@ def test_state_follows_the_cache_and_only_generate_advances_it(name: str, tiny_m
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_reset_session_clears_the_short_term_state(name: str, tiny_models: dict[str, Path]) -> None:
-    eng = engine(backend(name, tiny_models))
+def test_reset_session_clears_the_short_term_state(name: str, tiny_backend) -> None:
+    eng = engine(tiny_backend(name))
     module = module_of(eng)
     eng.ask(FACT)
     assert module.summary()["session_positions"] > 0 and module.summary()["state_norm"] > 0
@@ -106,10 +100,10 @@ def test_reset_session_clears_the_short_term_state(name: str, tiny_models: dict[
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_update_lowers_loss_and_writes_long_term_slots(name: str, tiny_models: dict[str, Path],
+def test_update_lowers_loss_and_writes_long_term_slots(name: str, tiny_backend,
                                                        tmp_path: Path) -> None:
     """Fails if long-term memory is never written (the bug recorded in the seed)."""
-    be = backend(name, tiny_models)
+    be = tiny_backend(name)
     eng = engine(be)
     module = module_of(eng)
     assert module.summary()["slots_written"] == 0
@@ -140,8 +134,8 @@ def test_update_lowers_loss_and_writes_long_term_slots(name: str, tiny_models: d
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_slot_policy_merges_similar_and_evicts_least_used(name: str, tiny_models: dict[str, Path]) -> None:
-    module = fresh(backend(name, tiny_models), num_slots=2, merge_threshold=0.9, d_state=4)
+def test_slot_policy_merges_similar_and_evicts_least_used(name: str, tiny_backend) -> None:
+    module = fresh(tiny_backend(name), num_slots=2, merge_threshold=0.9, d_state=4)
     a, b, c = np.eye(4, dtype=np.float32)[:3]
     assert module.write_slot(a) == 0
     assert module.write_slot(a * 2 + 0.01 * b) == 0  # merged: cosine > 0.9
@@ -153,10 +147,10 @@ def test_slot_policy_merges_similar_and_evicts_least_used(name: str, tiny_models
     np.testing.assert_allclose(module.ops.to_numpy(module.buffers["slots"])[1], c)
 
 
-def test_torch_and_mlx_agree_after_a_session(tiny_models: dict[str, Path]) -> None:
+def test_torch_and_mlx_agree_after_a_session(tiny_backend) -> None:
     results = {}
-    for name in BACKENDS:
-        eng = engine(backend(name, tiny_models))
+    for name in ("torch", "mlx_lm"):
+        eng = engine(tiny_backend(name))
         replies = [eng.ask(text).assistant for text in (FACT, "Where do I live?")]
         results[name] = (replies, module_of(eng).state_tensors(), module_of(eng).summary())
     (r_t, s_t, m_t), (r_m, s_m, m_m) = results["torch"], results["mlx_lm"]

@@ -123,7 +123,7 @@ def tiny_engine(tiny_models) -> ChatEngine:
 def test_nonfinite_update_is_rolled_back(tiny_engine: ChatEngine, tmp_path: Path) -> None:
     engine = tiny_engine
     notices: list[str] = []
-    engine.notice = notices.append
+    engine.set_notice(notices.append)
     engine.set_autosave(tmp_path / "auto.safetensors")
     first = engine.ask("the cat sat on the mat")  # positive control: a good update is kept and autosaved
     assert first.update.rolled_back is None and engine.module.update_count == 1

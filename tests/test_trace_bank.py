@@ -17,41 +17,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm.backends import DecodingConfig, load_backend
-from lmm.backends.attention_memory import ExtraKV
+from lmm.backends import DecodingConfig
 from lmm.engine import ChatEngine, EngineConfig
-from lmm.memory.base import LearnBatch
 from lmm.memory.trace_bank import TraceBank, TraceBankConfig, statements
 from lmm.memory.traces import speaks_first_person
 from lmm.testing import FAMILIES
+from lmm.types import ExtraKV
 
-try:
-    import mlx.core  # noqa: F401
-    import mlx_lm  # noqa: F401
-
-    MLX_ERROR = ""
-except ImportError as exc:  # pragma: no cover - depends on the platform
-    MLX_ERROR = f"mlx_lm backend unavailable: {exc}"
-
-BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param("mlx_lm", id="mlx_lm", marks=pytest.mark.skipif(bool(MLX_ERROR), reason=MLX_ERROR or "-")),
-]
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("mlx_lm", id="mlx_lm", marks=pytest.mark.mlx)]
 FACT = "My name is Alice and I live in Paris."
 OTHER = "I have a cat called Pepper."
 UNRELATED = "Hello! How are you today?"
 MAX_TOKENS = 8
-_LOADED: dict[tuple[str, str], Any] = {}
 
-
-def backend(name: str, models: dict[str, Path], family: str = "llama") -> Any:
-    key = (name, family)
-    if key not in _LOADED:
-        _LOADED[key] = load_backend(name, models[family], f"tiny-{family}", device="cpu")
-    be = _LOADED[key]
-    be.remove_hook()
-    be.reset_session()
-    return be
 
 
 def engine(be: Any, **options: Any) -> ChatEngine:
@@ -69,20 +47,26 @@ def bank(eng: ChatEngine) -> TraceBank:
 
 def teach(eng: ChatEngine, text: str) -> None:
     """Write `text` the way the learner does, without generating a reply."""
-    bank(eng).learn(LearnBatch(input_ids=[], positions=[], target_ids=[], hidden=None, loss=lambda p: None,
-                               messages=[{"role": "user", "content": text}], index=0))
+    bank(eng).write([{"role": "user", "content": text}], 0)
     eng.backend.reset_session()
 
 
 def reply(eng: ChatEngine, text: str) -> list[int]:
-    """Greedy reply tokens through the backend (the engine's path, every token id kept)."""
+    """Greedy reply tokens of a fresh chat (the engine's path, every token id kept)."""
     eng.reset_chat()
-    ids = eng.backend.formatter.generation_ids([{"role": "user", "content": text}])
-    return list(eng.backend.generate(ids, eng.config.decoding))
+    return eng.respond([{"role": "user", "content": text}]).tokens
+
+
+def route(be: Any, text: str) -> list[int]:
+    """Prompt ids of `text`, routed by whichever module's hook the backend holds (as an engine would)."""
+    messages = [{"role": "user", "content": text}]
+    if be.installed_hook is not None:
+        be.installed_hook.module.before_reply(messages)
+    return be.formatter.generation_ids(messages)
 
 
 def plain_reply(be: Any, text: str) -> list[int]:
-    ids = be.formatter.generation_ids([{"role": "user", "content": text}])
+    ids = route(be, text)
     be.reset_session()
     out = list(be.generate(ids, DecodingConfig(max_tokens=MAX_TOKENS)))
     be.reset_session()
@@ -90,8 +74,7 @@ def plain_reply(be: Any, text: str) -> list[int]:
 
 
 def prompt_logits(be: Any, text: str) -> np.ndarray:
-    ids = be.formatter.generation_ids([{"role": "user", "content": text}])
-    be._before_generation(ids)  # route as generate() would
+    ids = route(be, text)
     return be.ops.to_numpy(be.forward(ids, be.new_cache(), "generate"))
 
 
@@ -145,9 +128,9 @@ def test_config_rejects_bad_values(field: str, value: Any) -> None:
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_extra_kv_visibility_and_chunked_prefill(name: str, family: str, tiny_models: dict[str, Path]) -> None:
+def test_extra_kv_visibility_and_chunked_prefill(name: str, family: str, tiny_backend) -> None:
     """Positions before `visible_from` are untouched; later ones change; one pass == chunks == decode steps."""
-    be = backend(name, tiny_models, family)
+    be = tiny_backend(name, family)
     story = "Tell me a story about the small robot by the sea."
     ids = be.formatter.generation_ids([{"role": "user", "content": story}])
     n_layers = be.num_layers
@@ -172,14 +155,14 @@ def test_extra_kv_visibility_and_chunked_prefill(name: str, family: str, tiny_mo
 @pytest.mark.parametrize("scaffold", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # gemma3's sliding window needs a second mask
 def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, scaffold: bool,
-                                                                   tiny_models: dict[str, Path]) -> None:
+                                                                   tiny_backend) -> None:
     """start_layer=0: the prompt's logits equal one forward of [system, statement turn, prompt turn] whose
     prompt positions restart right after the system prompt and whose prompt tokens see the whole statement
     turn (scaffold=True) or only its content tokens (the trace's semantics: unshifted positions, every chat
     token after the system prompt reads it)."""
     import torch
 
-    be = backend("torch", tiny_models, family)
+    be = tiny_backend("torch", family)
     eng = engine(be, start_layer=0, threshold=0.99, sentence_threshold=1.0, scaffold=scaffold, read_gain=1)
     try:
         teach(eng, FACT)
@@ -188,7 +171,7 @@ def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, 
         with_trace = prompt_logits(be, FACT)
         assert bank(eng).last_route is not None and bank(eng).last_route["retrieved"]
         turn, n_sys, content = bank(eng)._turn(FACT)
-        assert ids[:n_sys] == bank(eng)._system_ids() and n_sys == trace.start
+        assert ids[:n_sys] == be.formatter._default_system_ids() and n_sys == trace.start
         read = list(range(n_sys, len(turn))) if scaffold else content
         assert trace.token_ids.tolist() == [turn[i] for i in read]
         m = len(turn) - n_sys
@@ -215,8 +198,8 @@ def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, 
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fresh_module_is_exactly_the_identity(name: str, family: str, tiny_models: dict[str, Path]) -> None:
-    be = backend(name, tiny_models, family)
+def test_fresh_module_is_exactly_the_identity(name: str, family: str, tiny_backend) -> None:
+    be = tiny_backend(name, family)
     plain = prompt_logits(be, FACT)
     plain_tokens = plain_reply(be, FACT)
     eng = engine(be)
@@ -229,8 +212,8 @@ def test_fresh_module_is_exactly_the_identity(name: str, family: str, tiny_model
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_unrouted_prompt_is_bit_identical_even_after_a_routed_one(name: str, tiny_models: dict[str, Path]) -> None:
-    be = backend(name, tiny_models)
+def test_unrouted_prompt_is_bit_identical_even_after_a_routed_one(name: str, tiny_backend) -> None:
+    be = tiny_backend(name)
     plain_logits = prompt_logits(be, UNRELATED)
     plain_tokens = plain_reply(be, UNRELATED)
     routed_plain = plain_reply(be, FACT)
@@ -249,9 +232,9 @@ def test_unrouted_prompt_is_bit_identical_even_after_a_routed_one(name: str, tin
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_multi_turn_chat_matches_a_fresh_prefill(name: str, tiny_models: dict[str, Path]) -> None:
+def test_multi_turn_chat_matches_a_fresh_prefill(name: str, tiny_backend) -> None:
     """Turn 2 reuses the session cache when the retrieval did not change, and drops it when it did."""
-    be = backend(name, tiny_models)
+    be = tiny_backend(name)
     eng = engine(be, threshold=0.99, sentence_threshold=0.99)
     try:
         teach(eng, FACT)
@@ -268,17 +251,14 @@ def test_multi_turn_chat_matches_a_fresh_prefill(name: str, tiny_models: dict[st
             fresh.learning = False
             assert fresh.ask(text).assistant == last
             fresh.close()
-            be.install_hook(eng.layer, eng.hook)  # give the chat its own module back
-            eng.module.attach(be, eng.layer)
-            be.reset_session()
     finally:
         eng.close()
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_save_load_in_a_new_engine_reproduces_replies(name: str, tiny_models: dict[str, Path],
+def test_save_load_in_a_new_engine_reproduces_replies(name: str, tiny_backend,
                                                       tmp_path: Path) -> None:
-    be = backend(name, tiny_models)
+    be = tiny_backend(name)
     eng = engine(be, dtype="float16")
     try:
         for text in (FACT, "Why is the sky blue?", OTHER):
@@ -302,8 +282,8 @@ def test_save_load_in_a_new_engine_reproduces_replies(name: str, tiny_models: di
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_questions_are_not_stored_and_the_gate_can_be_turned_off(name: str, tiny_models: dict[str, Path]) -> None:
-    be = backend(name, tiny_models)
+def test_questions_are_not_stored_and_the_gate_can_be_turned_off(name: str, tiny_backend) -> None:
+    be = tiny_backend(name)
     eng = engine(be)
     try:
         for text in ("What is the capital of France?", "Explain tides.", f"{OTHER} What is my name?"):
@@ -322,8 +302,8 @@ def test_questions_are_not_stored_and_the_gate_can_be_turned_off(name: str, tiny
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_eviction_bounds_the_count_and_keeps_recently_retrieved_traces(name: str,
-                                                                      tiny_models: dict[str, Path]) -> None:
-    be = backend(name, tiny_models)
+                                                                      tiny_backend) -> None:
+    be = tiny_backend(name)
     eng = engine(be, max_traces=2, threshold=0.99, sentence_threshold=0.99)
     try:
         teach(eng, FACT)
@@ -341,8 +321,8 @@ def test_eviction_bounds_the_count_and_keeps_recently_retrieved_traces(name: str
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_a_repeated_statement_replaces_its_trace(name: str, tiny_models: dict[str, Path]) -> None:
-    be = backend(name, tiny_models)
+def test_a_repeated_statement_replaces_its_trace(name: str, tiny_backend) -> None:
+    be = tiny_backend(name)
     eng = engine(be)
     try:
         teach(eng, FACT)
@@ -354,11 +334,11 @@ def test_a_repeated_statement_replaces_its_trace(name: str, tiny_models: dict[st
         eng.close()
 
 
-@pytest.mark.skipif(bool(MLX_ERROR), reason=MLX_ERROR or "-")
-def test_torch_and_mlx_agree(tiny_models: dict[str, Path]) -> None:
+@pytest.mark.mlx
+def test_torch_and_mlx_agree(tiny_backend) -> None:
     results = {}
     for name in ("torch", "mlx_lm"):
-        be = backend(name, tiny_models)
+        be = tiny_backend(name)
         eng = engine(be, threshold=0.99, sentence_threshold=0.99)
         try:
             replies = [eng.ask(t).assistant for t in (FACT, "Why is the sky blue?", OTHER)]
@@ -382,15 +362,14 @@ def test_learning_needs_a_backend() -> None:
 
     module = create_memory("trace_bank", hidden_size=8, ops=None)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="attach"):
-        module.learn(LearnBatch(input_ids=[], positions=[], target_ids=[], hidden=None, loss=lambda p: None,
-                                messages=[{"role": "user", "content": FACT}], index=0))
+        module.write([{"role": "user", "content": FACT}], 0)
 
 
 @pytest.mark.parametrize("max_sentences", [0, 4])
-def test_a_sentence_inside_a_longer_message_routes_on_its_own(max_sentences: int, tiny_models: dict[str, Path]) -> None:
+def test_a_sentence_inside_a_longer_message_routes_on_its_own(max_sentences: int, tiny_backend) -> None:
     """The stored statement as one sentence of a longer message: read when the message's sentences
     route separately (max_query_sentences > 0), not when only the whole message is scored."""
-    be = backend("torch", tiny_models)
+    be = tiny_backend("torch")
     eng = engine(be, threshold=0.99, sentence_threshold=0.99, max_query_sentences=max_sentences)
     try:
         teach(eng, FACT)
@@ -406,10 +385,10 @@ def test_a_sentence_inside_a_longer_message_routes_on_its_own(max_sentences: int
 
 
 @pytest.mark.parametrize("gate", [True, False])
-def test_read_gate_keeps_impersonal_prompts_plain(gate: bool, tiny_models: dict[str, Path]) -> None:
+def test_read_gate_keeps_impersonal_prompts_plain(gate: bool, tiny_backend) -> None:
     """With the gate, a message that does not speak of the user is never routed (its reply is the plain
     model's); without it, the same message routes (thresholds at -1: everything routes)."""
-    be = backend("torch", tiny_models)
+    be = tiny_backend("torch")
     impersonal = "Alice lives in Paris."
     plain = plain_reply(be, impersonal)
     eng = engine(be, threshold=-1, sentence_threshold=-1, read_gate=gate)
@@ -422,8 +401,8 @@ def test_read_gate_keeps_impersonal_prompts_plain(gate: bool, tiny_models: dict[
         eng.close()
 
 
-def test_read_gain_repeats_each_trace_token(tiny_models: dict[str, Path]) -> None:
-    be = backend("torch", tiny_models)
+def test_read_gain_repeats_each_trace_token(tiny_backend) -> None:
+    be = tiny_backend("torch")
     eng = engine(be, read_gain=3)
     try:
         teach(eng, FACT)
