@@ -167,3 +167,31 @@ def test_layer_out_of_range(tiny_backend, tmp_path: Path) -> None:
 def test_loss_by_decoded_token_suffixes_repeats() -> None:
     assert loss_by_decoded_token([" the", " cat", " the", " the"], [1.0, 2.0, 3.0, 4.0]) == {
         " the": 1.0, " cat": 2.0, " the#2": 3.0, " the#3": 4.0}
+
+
+def test_two_engines_on_one_backend_each_run_their_own_module(tiny_backend, tmp_path: Path) -> None:
+    """Engines share a loaded model; each claims its hook when it runs, so neither reads the other's memory."""
+    learner = make_engine("torch", tiny_backend, tmp_path, memory="lora_on_user", memory_options={"lr": "0.05",
+                                                                                                    "steps": "3"})
+    plain = make_engine("torch", tiny_backend, tmp_path, memory="identity")
+    reference = plain.ask("what did the cat see").tokens
+    learner.ask(TEACH)
+    learned = learner.ask("what did the cat see").tokens
+    assert learned != reference  # positive control: the learned memory changes this reply
+    plain.reset_chat()
+    assert plain.ask("what did the cat see").tokens == reference  # the identity engine runs its own hook
+    learner.reset_chat()
+    learner.learning = False
+    assert learner.ask("what did the cat see").tokens != reference
+    learner.close()
+    plain.close()
+
+
+def test_stream_yields_every_token_and_the_finish_reason(tiny_backend, tmp_path: Path) -> None:
+    engine = make_engine("torch", tiny_backend, tmp_path, memory="identity")
+    pieces = list(engine.stream("the cat sat on the mat"))
+    engine.close()
+    assert [p.token for p in pieces] == engine.last_turn.tokens and len(pieces) == engine.last_turn.generation_tokens
+    assert "".join(p.text for p in pieces).strip() == engine.last_turn.assistant
+    assert [p.finish_reason for p in pieces[:-1]] == [None] * (len(pieces) - 1)
+    assert pieces[-1].finish_reason == engine.last_turn.finish_reason in ("stop", "length")
