@@ -302,6 +302,11 @@ class ChatEngine:
         if summary.rolled_back:
             self.notice(f"update rolled back: tensor {summary.rolled_back} was not finite after it; "
                         "the memory is as it was before this message")
+        if summary.dropped:
+            shown = "; ".join(repr(text) for text in summary.dropped[:3])
+            more = f" and {len(summary.dropped) - 3} more" if len(summary.dropped) > 3 else ""
+            self.notice(f"memory full: dropped {len(summary.dropped)} least recently read "
+                        f"item{'s' if len(summary.dropped) != 1 else ''} to make room: {shown}{more}")
 
     def wait_for_update(self) -> UpdateSummary | None:
         """Block until the pending update is applied; return the latest update summary."""

@@ -38,6 +38,7 @@ class UpdateSummary:
     token_losses: list[tuple[str, float, bool]] = field(default_factory=list)  # (token, CE, learned)
     stored: list[str] = field(default_factory=list)  # direct: the statements written
     note: str | None = None  # direct: what was stored, or why nothing was
+    dropped: list[str] = field(default_factory=list)  # direct: what the memory let go to make room
     seconds: float = 0.0
     skipped: str | None = None
     rolled_back: str | None = None  # the tensor that was not finite after the update, which was undone
@@ -49,7 +50,7 @@ class UpdateSummary:
             out.update(loss=self.loss, loss_after=self.loss_after, selected_tokens=self.selected_tokens,
                        n_selected=len(self.selected_tokens))
         else:
-            out.update(stored=self.stored, note=self.note)
+            out.update(stored=self.stored, note=self.note, dropped=self.dropped)
         out.update(seconds=round(self.seconds, 4), skipped=self.skipped, rolled_back=self.rolled_back,
                    autosave_seconds=None if self.autosave_seconds is None else round(self.autosave_seconds, 4))
         return out
@@ -142,7 +143,8 @@ def write_directly(
     log.write(UpdateRecord(stage="pre_hooks", time=time.time(), **base))
     result = module.write(list(messages[: index + 1]), index)
     module.update_count += 1
-    summary = UpdateSummary(turn=index, learner="direct", stored=result.stored, note=result.note)
+    summary = UpdateSummary(turn=index, learner="direct", stored=result.stored, note=result.note,
+                            dropped=result.dropped)
     summary.seconds = time.perf_counter() - start
     log.write(UpdateRecord(stage="post_hooks", time=time.time(), **base, stored=result.stored, note=result.note,
                            update_seconds=summary.seconds))

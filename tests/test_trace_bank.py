@@ -320,6 +320,39 @@ def test_eviction_bounds_the_count_and_keeps_recently_retrieved_traces(name: str
         eng.close()
 
 
+def test_nothing_is_dropped_silently(tiny_backend) -> None:
+    """The default keeps far more than the old 256-trace bound; a byte budget drops the least recently
+    read traces and the engine says which (the positive control that dropping does happen)."""
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, dedupe=1.0)  # only a restatement replaces
+    try:
+        for i in range(260):
+            teach(eng, f"My locker number {i} is at gate {i * 7 + 3}.")
+        assert len(bank(eng).traces) == 260 and bank(eng).summary()["full"].endswith("%")
+    finally:
+        eng.close()
+    one = None
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99)
+    notices: list[str] = []
+    eng.set_notice(notices.append)
+    try:
+        eng.ask(FACT)
+        one = bank(eng).stored_bytes()
+    finally:
+        eng.close()
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, max_bytes=int(one * 2.5))
+    eng.set_notice(notices.append)
+    try:
+        for text in (FACT, OTHER):
+            eng.ask(text)
+        assert not notices
+        update = eng.ask("I work as a baker in Lyon.").update
+        assert len(bank(eng).traces) == 2 and update.dropped and FACT.split()[0] in update.dropped[0]
+        assert notices and notices[-1].startswith("memory full: dropped 1 least recently read item")
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_a_repeated_statement_replaces_its_trace(name: str, tiny_backend) -> None:
     be = tiny_backend(name)

@@ -119,6 +119,7 @@ class WriteResult:
 
     stored: list[str] = field(default_factory=list)  # the statements written (or rewritten)
     note: str = ""  # one line for the user: what was stored, replaced, or why nothing was
+    dropped: list[str] = field(default_factory=list)  # what the memory let go to make room (never silently)
 
 
 def select_surprising(losses: np.ndarray) -> np.ndarray:

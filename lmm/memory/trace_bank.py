@@ -10,7 +10,9 @@ last user message is encoded the same way and scored against every trace, token 
 interaction weighted by how specific each query token is) and as a whole; with `read_gate`, only
 messages that speak of the user route. The best trace past either threshold is handed to the model
 as extra keys/values (each token `read_gain` times); with none, replies are the plain model's,
-bit for bit. Bounded by `max_traces` (least recently read evicted), `dedupe`, `max_trace_tokens`.
+bit for bit. Nothing is forgotten by accident: past `max_traces` (100,000) or the disk budget
+`max_bytes`, the least recently read traces go, and the write says which; `dedupe` replaces a
+restated statement; statements longer than `max_trace_tokens` are not stored.
 
 It does not own the routing arithmetic or the state packing (`lmm.memory.traces`) nor how the
 model reads extra keys/values (the backends). How the defaults were chosen, with the
@@ -57,7 +59,8 @@ class TraceBankConfig(MemoryConfig):
     max_query_sentences: int = 4  # the first sentences of a longer message also route on their own
     read_gate: bool = True  # read only for messages that speak in the first person (I, my, me, we ...)
     read_gain: int = 2  # each trace token is read this many times: its attention weight times read_gain
-    max_traces: int = 256
+    max_traces: int = 100_000  # past this many, the least recently read traces are dropped (with a notice)
+    max_bytes: int = 1 << 30  # the memory's budget for trace data; past it, the same (and the notice says so)
     max_trace_tokens: int = 96  # longer statements are not stored
     dedupe: float = 0.9  # a new statement matching a stored one both ways at >= this replaces it
     write_gate: bool = True  # store only first-person statements (questions removed)
@@ -81,6 +84,8 @@ class TraceBankConfig(MemoryConfig):
             raise ValueError(f"read_gain must be >= 1, got {self.read_gain}")
         if self.max_traces < 1:
             raise ValueError(f"max_traces must be >= 1, got {self.max_traces}")
+        if self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
         if self.max_trace_tokens < 4:
             raise ValueError(f"max_trace_tokens must be >= 4, got {self.max_trace_tokens}")
         if not 0.0 <= self.dedupe <= 1.0:
@@ -275,10 +280,10 @@ class TraceBank(DirectMemory):
         replaced = self._duplicate_of(trace)
         if replaced is not None:
             del self.traces[replaced]
-        self._add(trace)
+        dropped = self._add(trace)
         self._remember_query(stored, route, sentence)  # asking the statement back routes at once
         verb = "replaced a trace with" if replaced is not None else "stored"
-        return WriteResult(stored=[stored], note=f"{verb}: {stored}")
+        return WriteResult(stored=[stored], note=f"{verb}: {stored}", dropped=dropped)
 
     def _duplicate_of(self, trace: Trace) -> int | None:
         if not self.traces:
@@ -292,14 +297,22 @@ class TraceBank(DirectMemory):
         backward = float(late_interaction(old, new, np.zeros(1, dtype=np.int64))[0])
         return best if min(float(forward[best]), backward) >= self.cfg.dedupe else None
 
-    def _add(self, trace: Trace) -> None:
+    def _add(self, trace: Trace) -> list[str]:
+        """Store `trace`; past `max_traces` or `max_bytes`, drop the least recently read (then oldest)
+        other traces, and return their statements."""
         self._uids += 1
         trace.uid = self._uids
         self.traces.append(trace)
-        while len(self.traces) > self.cfg.max_traces:
-            victim = min(range(len(self.traces)), key=lambda i: (self.traces[i].used, self.traces[i].written))
-            del self.traces[victim]
+        dropped = []
+        while len(self.traces) > 1 and (len(self.traces) > self.cfg.max_traces
+                                        or self.stored_bytes() > self.cfg.max_bytes):
+            victim = min(range(len(self.traces) - 1), key=lambda i: (self.traces[i].used, self.traces[i].written))
+            dropped.append(self._text(self.traces.pop(victim)))
         self._index = self._sentences = None
+        return dropped
+
+    def stored_bytes(self) -> int:
+        return sum(_trace_bytes(t) for t in self.traces)
 
     # --- read ------------------------------------------------------------------------------------------
     def before_reply(self, messages: Sequence[dict[str, str]]) -> None:
@@ -363,11 +376,11 @@ class TraceBank(DirectMemory):
         return self.model.decode(trace.token_ids.tolist()).strip()
 
     def summary(self) -> dict[str, Any]:
-        n_bytes = sum(t.keys.nbytes + t.values.nbytes + t.route.nbytes + t.sentence.nbytes + t.token_ids.nbytes
-                      for t in self.traces)
+        n_bytes = self.stored_bytes()
         return {
             "traces": len(self.traces), "max_traces": self.cfg.max_traces,
             "trace_tokens": int(sum(len(t.token_ids) for t in self.traces)), "bytes": int(n_bytes),
+            "full": f"{max(len(self.traces) / self.cfg.max_traces, n_bytes / self.cfg.max_bytes):.1%}",
             "threshold": self.cfg.threshold, "last_route": self.last_route,
             "recent": [self._text(t) for t in sorted(self.traces, key=lambda t: -t.used)[:5]],
         }
@@ -403,3 +416,8 @@ class TraceBank(DirectMemory):
         self._generic = None
         self._extras.clear()
         self._queries.clear()
+
+
+def _trace_bytes(trace: Trace) -> int:
+    return int(trace.keys.nbytes + trace.values.nbytes + trace.route.nbytes + trace.sentence.nbytes
+               + trace.token_ids.nbytes)
