@@ -151,8 +151,12 @@ def _reset(session: ChatSession, args: str) -> CommandResult:
     return CommandResult("chat history cleared; memory kept")
 
 
-@command("forget", "/forget [yes]", "reset the memory to its initial state (asks first)", choices=("yes",))
+@command("forget", "/forget [N|yes]", "delete item N of /memory list, or reset the whole memory (asks first)",
+         choices=("yes",))
 def _forget(session: ChatSession, args: str) -> CommandResult:
+    if args.isdigit():
+        text = session.engine.forget_item(int(args))
+        return CommandResult(f"forgot item {args}: {text}")
     if args.lower() != "yes":
         who = f" of user {session.user}" if session.user else ""
         count = _plural(session.engine.module.update_count, "update")
@@ -166,8 +170,20 @@ def _forget(session: ChatSession, args: str) -> CommandResult:
     return CommandResult(f"memory reset to its initial state{tail}")
 
 
-@command("memory", "/memory", "the memory module: config, updates, state size, latest learned tokens")
+@command("memory", "/memory [list|export FILE]",
+         "the memory: a summary; `list` numbers what it holds; `export FILE` writes it as JSON",
+         choices=("list", "export"))
 def _memory(session: ChatSession, args: str) -> CommandResult:
+    action, _, rest = args.partition(" ")
+    if action == "list":
+        return _memory_list(session)
+    if action == "export":
+        if not rest.strip():
+            return _usage("memory")
+        path = session.engine.export_memory(_path(rest.strip()))
+        return CommandResult(f"memory exported to {path} ({_plural(len(session.engine.memory_items()), 'item')})")
+    if action:
+        return _usage("memory")
     engine = session.engine
     update = engine.wait_for_update()
     module = engine.module
@@ -182,6 +198,9 @@ def _memory(session: ChatSession, args: str) -> CommandResult:
     summary = module.summary()
     if summary:
         rows.append(("summary", ", ".join(f"{k}={_num(v)}" for k, v in summary.items())))
+    items = module.items()
+    rows.append(("items", f"{len(items)} (/memory list shows them, /forget N deletes one)" if items
+                 else "none listed (this module's memory is in its weights)" if module.kind != "direct" else "0"))
     rows.append(("user", session.user or "(none)"))
     rows.append(("saves to", "nothing (incognito)" if session.incognito else str(session.save_path or
                                                                                  "a new timestamped file")))
@@ -198,6 +217,19 @@ def _memory(session: ChatSession, args: str) -> CommandResult:
             learned += f" … and {len(hits) - LEARNED_SHOWN} more"
     rows.append(("last learned", learned))
     return _report(rows)
+
+
+def _memory_list(session: ChatSession) -> CommandResult:
+    items = session.engine.memory_items()
+    if not items:
+        return CommandResult(f"{session.engine.module.name} holds no separate items")
+    from datetime import datetime
+
+    lines = []
+    for i, item in enumerate(items, start=1):
+        when = datetime.fromtimestamp(item.said_at).strftime("%Y-%m-%d %H:%M") if item.said_at else "(date unknown)"
+        lines.append(f"{i:>4}  {when}  {item.text}")
+    return CommandResult(f"{_plural(len(items), 'item')}, oldest first:\n" + "\n".join(lines))
 
 
 def _plural(n: int, word: str) -> str:

@@ -11,6 +11,7 @@ autosave after it, context-window trimming and per-turn results. Scripts, benchm
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -26,7 +27,7 @@ from lmm.events import EventLog
 from lmm.hook import MemoryHook
 from lmm.learning import LEARNERS, UpdateSummary
 from lmm.memory import create_memory, get_memory_spec
-from lmm.memory.base import MemoryModule
+from lmm.memory.base import MemoryItem, MemoryModule
 from lmm.models import artifacts_dir, resolve_model
 from lmm.state import (
     StateFileError,
@@ -386,6 +387,34 @@ class ChatEngine:
         self.created_at = header.created_at
         self._write_autosave()
 
+    def memory_items(self) -> list[MemoryItem]:
+        """What the memory holds as separate items, oldest first (none for weight-only modules)."""
+        self.wait_for_update()
+        return self.module.items()
+
+    def forget_item(self, number: int) -> str:
+        """Delete item `number` (1-based, as `memory_items` lists them); return its text."""
+        self.wait_for_update()
+        if number < 1:
+            raise ValueError(f"item numbers start at 1, got {number}")
+        text = self.module.forget_item(number - 1)
+        self._state = None
+        self.backend.reset_session()
+        self._write_autosave()
+        return text
+
+    def export_memory(self, path: Path | str) -> Path:
+        """Write what the memory holds as JSON a person can read (items, figures); return the path."""
+        items = [{"number": i, "text": item.text, "said_at": _iso(item.said_at)}
+                 for i, item in enumerate(self.memory_items(), start=1)]
+        doc = {"module": self.module.name, "model": self.backend.model_id, "updates": self.module.update_count,
+               "exported_at": now_iso(), "config": self.module.config.to_dict(), "items": items,
+               "summary": self.module.summary()}
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        return target
+
     def forget(self) -> None:
         """Reset the memory to its freshly initialised state."""
         self.wait_for_update()
@@ -407,3 +436,11 @@ class ChatEngine:
         elif self.backend.installed_hook is self.hook:
             self.backend.remove_hook()
         self.log.close()
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")

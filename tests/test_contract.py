@@ -439,6 +439,9 @@ def test_same_seed_same_result_on_both_backends(runs: Runs, module: str) -> None
     assert a.probe == b.probe
     assert sorted(a.state) == sorted(b.state)
     for name in a.state:
+        if name.endswith("_at"):  # wall-clock times (when something was said) differ between two runs
+            assert a.state[name].shape == b.state[name].shape, name
+            continue
         assert_states_agree(a.state[name], b.state[name], name)
     for ua, ub in zip(a.updates, b.updates, strict=True):
         assert ua.selected_tokens == ub.selected_tokens and ua.stored == ub.stored

@@ -446,3 +446,51 @@ def test_read_gain_repeats_each_trace_token(tiny_backend) -> None:
         np.testing.assert_array_equal(keys[0, :, :n].numpy(), keys[0, :, 2 * n:].numpy())
     finally:
         eng.close()
+
+
+def test_items_can_be_listed_exported_and_forgotten_one_by_one(tiny_backend, tmp_path: Path) -> None:
+    """/memory list, /forget N and /memory export on the stored statements; the rest stays and reads."""
+    import json
+
+    from lmm.commands import run_command
+    from lmm.session import ChatSession
+
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, dedupe=1.0)
+    session = ChatSession(eng)
+    try:
+        for text in (FACT, OTHER, "I work as a baker in Lyon."):
+            eng.ask(text)
+        listing = run_command(session, "/memory list").text
+        assert listing.startswith("3 items, oldest first") and "1  " in listing and "baker" in listing.splitlines()[3]
+        assert "3 (/memory list shows them" in dict(run_command(session, "/memory").rows or [])["items"]
+        assert run_command(session, "/forget 2").text.startswith("forgot item 2: ") and len(bank(eng).traces) == 2
+        assert [item.text for item in eng.memory_items()] == [bank(eng)._text(t) for t in bank(eng).traces]
+        assert not any(OTHER.split()[1] in item.text for item in eng.memory_items())
+        assert run_command(session, "/forget 9").error
+        doc = json.loads(eng.export_memory(tmp_path / "mem.json").read_text())
+        assert [i["number"] for i in doc["items"]] == [1, 2] and doc["module"] == "trace_bank"
+        assert all(i["said_at"] and i["said_at"].startswith("20") for i in doc["items"])
+        # the kept statements survive a save and load, with when they were said
+        path = eng.save_memory(tmp_path / "m.safetensors")
+        other = engine(be)
+        other.load_memory(path)
+        assert [i.text for i in other.memory_items()] == [i.text for i in eng.memory_items()]
+        assert [i.said_at for i in other.memory_items()] == [i.said_at for i in eng.memory_items()]
+        other.close()
+    finally:
+        eng.close()
+
+
+def test_weight_modules_say_they_keep_no_items(tiny_backend) -> None:
+    from lmm.commands import run_command
+    from lmm.session import ChatSession
+
+    eng = ChatEngine(EngineConfig(memory="lora_on_user", activation_log_path=None, background_updates=False,
+                                  decoding=DecodingConfig(max_tokens=4)), backend=tiny_backend("torch"))
+    try:
+        session = ChatSession(eng)
+        assert "holds no separate items" in run_command(session, "/memory list").text
+        assert "keeps no separate items" in run_command(session, "/forget 1").text
+    finally:
+        eng.close()

@@ -25,7 +25,8 @@ from lmm.ops import Array, Ops, Params
 from lmm.types import ModelView, Phase, RewriteContext
 
 __all__ = ["DirectMemory", "GradientConfig", "GradientMemory", "LearnBatch", "LearnResult", "MemoryConfig",
-           "MemoryModule", "ModelView", "Phase", "RewriteContext", "StateError", "WriteResult", "select_surprising"]
+           "MemoryItem", "MemoryModule", "ModelView", "Phase", "RewriteContext", "StateError", "WriteResult",
+           "select_surprising"]
 
 Kind = Literal["surprise", "direct"]
 
@@ -114,6 +115,15 @@ class LearnResult:
 
 
 @dataclass
+class MemoryItem:
+    """One thing a memory holds that a person can see and delete (a stored statement)."""
+
+    text: str
+    said_at: float | None = None  # Unix time the user said it, when known
+    last_read: int | None = None  # how recently it was read, as the module's clock (larger: more recent)
+
+
+@dataclass
 class WriteResult:
     """What a `DirectMemory` write did with one user message."""
 
@@ -140,6 +150,7 @@ class MemoryModule(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[MemoryConfig]]
     kind: ClassVar[Kind] = "surprise"  # which learner the engine runs after each user message
+    # Saved buffers named `*_at` hold wall-clock times: two runs of the same session differ there.
     # buffers that are per-session and not part of the saved state
     transient_buffers: ClassVar[tuple[str, ...]] = ()
 
@@ -187,6 +198,16 @@ class MemoryModule(ABC):
     def reset_learner(self) -> None:
         """Drop what the learner carries between updates (optimizer moments): called when an
         update is rolled back, since they were moved by it. The default holds nothing."""
+
+    def items(self) -> list[MemoryItem]:
+        """What the memory holds as separate items, oldest first. A module whose memory lives in
+        weights has none to list."""
+        return []
+
+    def forget_item(self, index: int) -> str:
+        """Delete item `index` (0-based, as `items()` lists them); return its text."""
+        raise ValueError(f"{self.name} keeps no separate items (its memory is in its weights); "
+                         "/forget resets all of it")
 
     def summary(self) -> dict[str, Any]:
         """Figures for `/memory` and benchmark reports."""

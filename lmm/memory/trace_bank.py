@@ -22,6 +22,7 @@ retrieval, English first-person gates.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lmm.memory.base import DirectMemory, MemoryConfig, RewriteContext, StateError, WriteResult
+from lmm.memory.base import DirectMemory, MemoryConfig, MemoryItem, RewriteContext, StateError, WriteResult
 from lmm.memory.registry import register
 from lmm.memory.traces import (
     CALIBRATION,
@@ -275,7 +276,7 @@ class TraceBank(DirectMemory):
         values = np.stack([self.ops.to_numpy(cap.kv[i][1])[0][:, keep] for i in self.kv_layers]).astype(dtype)
         trace = Trace(token_ids=np.asarray(ids, dtype=np.int32)[keep], keys=keys, values=values,
                       route=route.astype(dtype), sentence=sentence.astype(dtype), start=start,
-                      written=self.clock, used=self.clock)
+                      written=self.clock, used=self.clock, said_at=time.time())
         self.clock += 1
         replaced = self._duplicate_of(trace)
         if replaced is not None:
@@ -310,6 +311,21 @@ class TraceBank(DirectMemory):
             dropped.append(self._text(self.traces.pop(victim)))
         self._index = self._sentences = None
         return dropped
+
+    def items(self) -> list[MemoryItem]:
+        ordered = sorted(self.traces, key=lambda t: t.written)
+        return [MemoryItem(self._text(t), None if t.said_at != t.said_at else t.said_at, t.used) for t in ordered]
+
+    def forget_item(self, index: int) -> str:
+        ordered = sorted(range(len(self.traces)), key=lambda i: self.traces[i].written)
+        if not 0 <= index < len(ordered):
+            raise ValueError(f"no item {index + 1}: the memory holds {len(ordered)}")
+        trace = self.traces.pop(ordered[index])
+        self._extras.pop(trace.uid, None)
+        self._index = self._sentences = None
+        if self.model is not None:
+            self.model.read(None)
+        return self._text(trace)
 
     def stored_bytes(self) -> int:
         return sum(_trace_bytes(t) for t in self.traces)
@@ -394,7 +410,7 @@ class TraceBank(DirectMemory):
         return out
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        known = {"buffer.clock", "buffer.center", *(f"buffer.{k}" for k in TRACE_KEYS)}
+        known = {"buffer.clock", "buffer.center", "buffer.said_at", *(f"buffer.{k}" for k in TRACE_KEYS)}
         unknown = sorted(set(tensors) - known)
         if unknown:
             raise StateError(f"unexpected tensor(s) {', '.join(unknown)} in state for module {self.name}")

@@ -73,6 +73,7 @@ class Trace:
     start: int  # position of the first trace token (= the system prompt's length)
     written: int  # clock at writing
     used: int  # clock at the last retrieval (written, until retrieved)
+    said_at: float = float("nan")  # when the user said it (Unix time; NaN in files older than this field)
     uid: int = 0  # in-process identity (caches), not saved
 
 
@@ -110,6 +111,7 @@ def pack_traces(traces: list[Trace]) -> dict[str, np.ndarray]:
         "buffer.starts": np.asarray([x.start for x in t], dtype=np.int32),
         "buffer.written": np.asarray([x.written for x in t], dtype=np.int64),
         "buffer.used": np.asarray([x.used for x in t], dtype=np.int64),
+        "buffer.said_at": np.asarray([x.said_at for x in t], dtype=np.float64),
     }
 
 
@@ -136,8 +138,11 @@ def unpack_traces(tensors: dict[str, np.ndarray], hidden_size: int, module: str)
         edges, redges = np.cumsum(lens)[:-1], np.cumsum(rlens)[:-1]
         parts = zip(np.split(g["keys"], edges, axis=2), np.split(g["values"], edges, axis=2),
                     np.split(g["route"], redges), np.split(g["token_ids"], edges), strict=True)
+        said = tensors.get("buffer.said_at")  # optional: files written before it was kept have none
+        if said is not None and said.shape != (n,):
+            raise StateError(f"inconsistent trace tensors in state for module {module}")
         for i, (k, v, r, ids) in enumerate(parts):
             traces.append(Trace(token_ids=ids, keys=k, values=v, route=r, sentence=g["sentence"][i],
-                                start=int(g["starts"][i]),
-                                written=int(g["written"][i]), used=int(g["used"][i])))
+                                start=int(g["starts"][i]), written=int(g["written"][i]), used=int(g["used"][i]),
+                                said_at=float(said[i]) if said is not None else float("nan")))
     return traces
