@@ -56,6 +56,14 @@ def tiny_model(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> 
 
 
 @pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct, converted into artifacts/models on first use (about 20 s)."""
+    from lmm.models import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
 def tiny_backend(tiny_models: dict[str, Path]):
     """`tiny_backend(backend_name, family)`: one loaded backend per pair for the whole run, handed
     out with no hook and an empty session cache."""

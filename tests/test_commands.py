@@ -295,16 +295,11 @@ def test_zero_leakage_between_users(make_session) -> None:
 
 
 @pytest.mark.integration
-def test_zero_leakage_embedded_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zero_leakage_embedded_model(embedded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the real model, with a module that recalls: alice's name comes back to alice after a
     new chat (the positive control: the check can see a recall) and never reaches bob."""
-    from lmm.models import EMBEDDED_MODEL_ID
-
-    folder = Path(__file__).resolve().parents[1] / "artifacts" / "models" / EMBEDDED_MODEL_ID
-    if not (folder / "config.json").exists():
-        pytest.skip("embedded model not converted")
-    monkeypatch.setenv("LMM_ARTIFACTS", str(tmp_path))
-    config = EngineConfig(model=str(folder), backend="torch", memory="trace_bank", activation_log_path=None,
+    monkeypatch.setenv("LMM_ARTIFACTS", str(tmp_path))  # users' memory here; the model stays where it is
+    config = EngineConfig(model=str(embedded.path), backend="torch", memory="trace_bank", activation_log_path=None,
                           background_updates=False, decoding=DecodingConfig(max_tokens=24))
     session = ChatSession(ChatEngine(config), user="alice")
     session.start()

@@ -109,9 +109,11 @@ def test_ctrl_c_discards_and_incognito_writes_nothing(tiny_models, tmp_path: Pat
     args = [*tiny_args(tiny_models), "--memory", "lora_on_user", "--json", "--mm-path", str(state)]
     assert run_chat(args, b"the cat sat on the mat\n", tmp_path).returncode == 0
     saved = state.read_bytes()
-    # Ctrl+C (SIGINT) after a learned turn: the session's changes are dropped, the file stays
+    # Ctrl+C (SIGINT) after a learned turn: the session's changes are dropped, the file stays. SIGINT is
+    # set back to its default in the child: a runner that started us in the background may ignore it.
     child = subprocess.Popen([sys.executable, "-m", "lmm.chat", *args], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=chat_env(tmp_path), cwd=tmp_path)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=chat_env(tmp_path), cwd=tmp_path,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert child.stdin is not None and child.stdout is not None
     child.stdin.write(b"a dog barked at the moon\n")
     child.stdin.flush()

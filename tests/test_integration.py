@@ -12,19 +12,13 @@ import pytest
 
 from lmm.backends import DecodingConfig, load_backend
 from lmm.engine import ChatEngine, EngineConfig
-from lmm.models import resolve_model
 from lmm.state import read_state
 
 pytestmark = pytest.mark.integration
 FACT = "My best friend is called Zorblat and he lives in Reykjavik."
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    return resolve_model(None)
-
-
-@pytest.mark.parametrize("backend_name", ["torch", "mlx_lm"])
+@pytest.mark.parametrize("backend_name", ["torch", pytest.param("mlx_lm", marks=pytest.mark.mlx)])
 def test_identity_hook_is_token_identical(embedded, backend_name: str, tmp_path: Path) -> None:
     backend = load_backend(backend_name, embedded.path, embedded.model_id)
     decoding = DecodingConfig(max_tokens=24)
