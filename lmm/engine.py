@@ -34,6 +34,7 @@ from lmm.state import (
     StateHeader,
     check_compatible,
     default_save_path,
+    iso_time,
     nonfinite_tensor,
     now_iso,
     read_state,
@@ -119,6 +120,7 @@ class ChatEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmm-update",
                                             initializer=backend.prepare_thread)
         self._pending: Future[UpdateSummary] | None = None
+        self._updated_in_background = False  # the update thread has run: it must release what it holds
         self.autosave_path: Path | None = None  # set_autosave: written after every change of the memory
         self._state: dict[str, np.ndarray] | None = None  # the module's state after its last good update
         self.module = create_memory(config.memory, hidden_size=backend.hidden_size, ops=backend.ops,
@@ -165,11 +167,7 @@ class ChatEngine:
             self.config.decoding, max_tokens=max_tokens)
         system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         msgs = system + [dict(m) for m in messages]
-        fmt = self.backend.formatter
-        prompt = fmt.generation_ids(msgs)
-        while len(prompt) > self.backend.context_length - decoding.max_tokens and len(msgs) > len(system) + 2:
-            del msgs[len(system):len(system) + 2]  # drop the oldest exchange
-            prompt = fmt.generation_ids(msgs)
+        prompt = self._drop_oldest(msgs, len(system), decoding.max_tokens, keep=2)
         if memory:
             self._claim()
             self.module.before_reply(msgs)
@@ -187,7 +185,7 @@ class ChatEngine:
         """Every generated token as a response (held back by one, so that the last carries the
         finish reason); `tokens` collects the ids."""
         fmt = self.backend.formatter
-        text = ""
+        text = full = ""
         start = time.perf_counter()
         held: GenerationResponse | None = None
         for tok in self.backend.generate(prompt, decoding, should_stop):
@@ -201,7 +199,7 @@ class ChatEngine:
                 yield held
             held = GenerationResponse(delta, tok, len(tokens), len(tokens) / elapsed if elapsed else 0.0)
         if held is not None:
-            held.text += fmt.decode(tokens)[len(text):]
+            held.text += full[len(text):]  # what an unfinished sequence left at the end
             held.finish_reason = self.backend.last_stats.finish_reason
             yield held
 
@@ -242,13 +240,23 @@ class ChatEngine:
         self.backend.reset_session()
         self.module.reset_session()
 
+    def _drop_oldest(self, msgs: list[Message], first: int, max_tokens: int, keep: int) -> list[int]:
+        """Drop the oldest exchanges of `msgs` (from index `first`, keeping at least `keep` messages there)
+        until the prompt leaves room for `max_tokens`; return the prompt's ids."""
+        fmt = self.backend.formatter
+        prompt = fmt.generation_ids(msgs)
+        while len(prompt) > self.backend.context_length - max_tokens and len(msgs) - first > keep:
+            del msgs[first:first + 2]
+            prompt = fmt.generation_ids(msgs)
+        return prompt
+
     def _fit_context(self) -> list[int]:
         fmt = self.backend.formatter
         budget = self.backend.context_length - self.config.decoding.max_tokens
-        prompt = fmt.generation_ids(self.chat_messages())
-        while len(prompt) > budget and len(self.messages) > 1:
-            del self.messages[:2]  # drop the oldest exchange
-            prompt = fmt.generation_ids(self.chat_messages())
+        msgs = self.chat_messages()
+        first = len(msgs) - len(self.messages)
+        prompt = self._drop_oldest(msgs, first, self.config.decoding.max_tokens, keep=1)
+        self.messages[:] = msgs[first:]
         if len(prompt) > budget:
             content = self.messages[-1]["content"]
             ids = fmt.encode(content)
@@ -267,6 +275,7 @@ class ChatEngine:
         work = lambda: self._update(messages, index)  # noqa: E731
         if self.config.background_updates:
             self._pending = self._executor.submit(work)
+            self._updated_in_background = True
         else:
             self._collect(work())
 
@@ -405,7 +414,7 @@ class ChatEngine:
 
     def export_memory(self, path: Path | str) -> Path:
         """Write what the memory holds as JSON a person can read (items, figures); return the path."""
-        items = [{"number": i, "text": item.text, "said_at": _iso(item.said_at)}
+        items = [{"number": i, "text": item.text, "said_at": None if item.said_at is None else iso_time(item.said_at)}
                  for i, item in enumerate(self.memory_items(), start=1)]
         doc = {"module": self.module.name, "model": self.backend.model_id, "updates": self.module.update_count,
                "exported_at": now_iso(), "config": self.module.config.to_dict(), "items": items,
@@ -428,7 +437,7 @@ class ChatEngine:
         """Finish the pending update, release the update thread (and the backend, if this engine
         loaded it); the engine is not used after."""
         self.wait_for_update()
-        if self._executor._threads:  # the update thread ran: let it release what it holds
+        if self._updated_in_background:
             self._executor.submit(self.backend.release_thread).result()
         self._executor.shutdown(wait=True)
         if self._owns_backend:
@@ -436,11 +445,3 @@ class ChatEngine:
         elif self.backend.installed_hook is self.hook:
             self.backend.remove_hook()
         self.log.close()
-
-
-def _iso(when: float | None) -> str | None:
-    if when is None:
-        return None
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")

@@ -66,6 +66,11 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def iso_time(when: float) -> str:
+    """A Unix time as an ISO 8601 string in UTC, to the second."""
+    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")
+
+
 def recovery_path(path: Path) -> Path:
     """Where the engine autosaves after each update until `path` itself is saved: a chat that
     dies before saving leaves its memory here, and the next chat of `path` starts from it."""
