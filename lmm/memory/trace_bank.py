@@ -305,10 +305,12 @@ class TraceBank(DirectMemory):
         trace.uid = self._uids
         self.traces.append(trace)
         dropped = []
-        while len(self.traces) > 1 and (len(self.traces) > self.cfg.max_traces
-                                        or self.stored_bytes() > self.cfg.max_bytes):
+        total = self.stored_bytes()  # once per write; each drop subtracts its own bytes
+        while len(self.traces) > 1 and (len(self.traces) > self.cfg.max_traces or total > self.cfg.max_bytes):
             victim = min(range(len(self.traces) - 1), key=lambda i: (self.traces[i].used, self.traces[i].written))
-            dropped.append(self._text(self.traces.pop(victim)))
+            gone = self.traces.pop(victim)
+            total -= _trace_bytes(gone)
+            dropped.append(self._text(gone))
         self._index = self._sentences = None
         return dropped
 
