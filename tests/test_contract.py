@@ -12,7 +12,8 @@ One suite parametrised over `lmm.memory.memory_names()` x (torch, mlx_lm) on the
    file is byte-for-byte unchanged;
 5. same seed, same 2-message session on mlx_lm and torch: state tensors agree within a tolerance,
    greedy replies agree;
-plus the safetensors round trip of `state_tensors`, default configs, and config validation.
+plus the safetensors round trip of `state_tensors` and default configs (config validation:
+`tests/test_module_configs.py`).
 
 Backends are loaded once per session per (backend, family). The session of checks 2-5 runs once
 per (module, backend) (`Runs`) and the tests read from it. Run as a script with `--child`, this file
@@ -491,52 +492,6 @@ def test_default_config_builds(pool: BackendPool, module: str, backend_name: str
 
 
 # Values each field must refuse, where a module has such a field; every module is also probed generically.
-KNOWN_BAD: dict[str, tuple[object, ...]] = {
-    "lr": (0.0,), "steps": (-1,), "optimizer": ("rmsprop",), "weight_decay": (-0.1,), "rank": (0,),
-    "init_std": (0.0,), "bits": (7, 25, 6), "radius": (-1,), "max_rows": (-1,),
-}
-
-
-@pytest.mark.parametrize("module", MODULES)
-def test_bad_config_value_raises_naming_the_field(module: str) -> None:
-    spec = get_memory_spec(module)
-    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
-    refused = set()
-    for name, values in KNOWN_BAD.items():
-        for bad in values if name in fields else ():
-            with pytest.raises(ValueError, match=rf"\b{name}\b"):
-                spec.config_cls(**{name: bad})
-            refused.add(name)
-    # Generic probes: an absurd value either passes or is refused by a message naming its field.
-    for name, f in fields.items():
-        default = f.default
-        probes: list[object] = []
-        if isinstance(default, bool):
-            probes = []
-        elif isinstance(default, int):
-            probes = [-(10**9)]
-        elif isinstance(default, float):
-            probes = [-1e9, float("nan")]
-        elif isinstance(default, str):
-            probes = ["__no_such_choice__"]
-        for bad in probes:
-            try:
-                spec.config_cls(**{name: bad})
-            except ValueError as exc:
-                assert re.search(rf"\b{name}\b", str(exc)), f"{module}: {exc} does not name {name}"
-                refused.add(name)
-        # Strings that are not of the field's type are refused by the option parser, naming the key.
-        if isinstance(default, (bool, int, float)):
-            with pytest.raises(ValueError, match=rf"\b{name}\b"):
-                spec.config_cls.from_strings({name: "not-a-number"})
-    if fields:
-        assert refused, f"{module}: no config value is ever refused"
-    with pytest.raises(ValueError, match="no_such_option"):
-        spec.config_cls.from_strings({"no_such_option": "1"})
-    with pytest.raises(ValueError, match="no_such_option"):
-        create_memory(module, hidden_size=8, ops=None, options={"no_such_option": "1"})  # type: ignore[arg-type]
-
-
 # --- the fresh process of check 3 -------------------------------------------------------------------------
 
 
