@@ -228,7 +228,8 @@ def _memory_list(session: ChatSession) -> CommandResult:
     lines = []
     for i, item in enumerate(items, start=1):
         when = datetime.fromtimestamp(item.said_at).strftime("%Y-%m-%d %H:%M") if item.said_at else "(date unknown)"
-        lines.append(f"{i:>4}  {when}  {item.text}")
+        replaced = f"  (replaced by {item.replaced_by})" if item.replaced_by else ""
+        lines.append(f"{i:>4}  {when}  {item.text}{replaced}")
     return CommandResult(f"{_plural(len(items), 'item')}, oldest first:\n" + "\n".join(lines))
 
 

@@ -414,8 +414,8 @@ class ChatEngine:
 
     def export_memory(self, path: Path | str) -> Path:
         """Write what the memory holds as JSON a person can read (items, figures); return the path."""
-        items = [{"number": i, "text": item.text, "said_at": None if item.said_at is None else iso_time(item.said_at)}
-                 for i, item in enumerate(self.memory_items(), start=1)]
+        items = [{"number": i, "text": item.text, "said_at": None if item.said_at is None else iso_time(item.said_at),
+                  "replaced_by": item.replaced_by} for i, item in enumerate(self.memory_items(), start=1)]
         doc = {"module": self.module.name, "model": self.backend.model_id, "updates": self.module.update_count,
                "exported_at": now_iso(), "config": self.module.config.to_dict(), "items": items,
                "summary": self.module.summary()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from lmm.ops import Array, Ops
 
@@ -80,6 +80,10 @@ class ModelView(Protocol):
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = ()) -> Captured:
         """Run the frozen model (no memory) on `ids` from an empty cache, in one forward."""
+        ...
+
+    def token_logprobs(self, ids: Sequence[int]) -> Any:
+        """log P(ids[i] | ids[:i]) for i >= 1 under the frozen model: a float32 numpy array."""
         ...
 
     def read(self, extra: ExtraKV | None) -> None:

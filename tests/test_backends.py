@@ -114,3 +114,29 @@ def test_decoding_fallback_without_beam() -> None:
     assert DecodingConfig(strategy="auto", deterministic=False).resolved(True) == "sample"
     with pytest.raises(ValueError, match="top_p"):
         DecodingConfig(top_p=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_logprobs_are_the_frozen_models(backend_name: str, family: str, tiny_backend) -> None:
+    """log P(ids[i] | ids[:i]) equals the log-softmax of a plain forward, and neither an installed
+    hook nor extra keys/values change it (the positive control: the hook does change the forward)."""
+    from lmm.types import ExtraKV
+
+    backend = tiny_backend(backend_name, family)
+    ops = backend.ops
+    ids = backend.formatter.generation_ids(MESSAGES)
+    logits = ops.to_numpy(backend.forward(ids, backend.new_cache(), "score")).astype(np.float64)
+    top = logits.max(1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    expected = logp[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(backend.token_logprobs(ids), expected, atol=2e-4, rtol=1e-4)
+    backend.install_hook(1, lambda h, ctx: h * 3.0)
+    cap = backend.capture(ids[:3], kv_layers=[0])
+    backend.set_extra_kv(ExtraKV(key="t", layers={0: cap.kv[0]}, visible_from=0))
+    try:
+        changed = ops.to_numpy(backend.forward(ids, backend.new_cache(), "score"))
+        assert not np.allclose(changed, logits, atol=1e-3)
+        np.testing.assert_allclose(backend.token_logprobs(ids), expected, atol=2e-4, rtol=1e-4)
+    finally:
+        backend.set_extra_kv(None)
+        backend.remove_hook()

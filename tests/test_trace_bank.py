@@ -19,8 +19,8 @@ import pytest
 
 from lmm.backends import DecodingConfig
 from lmm.engine import ChatEngine, EngineConfig
-from lmm.memory.trace_bank import TraceBank, TraceBankConfig, statements
-from lmm.memory.traces import speaks_first_person
+from lmm.memory.trace_bank import TraceBank, TraceBankConfig
+from lmm.memory.trace_gate import fit_probe, is_question, sentences
 from lmm.testing import FAMILIES
 from lmm.types import ExtraKV
 
@@ -33,7 +33,9 @@ MAX_TOKENS = 8
 
 
 def engine(be: Any, **options: Any) -> ChatEngine:
-    options = {"dtype": "float32", **options}
+    # A random-weight model's states say nothing about what informs, nor its likelihoods about what is
+    # relevant: tiny models store every sentence and route on the first stage's margin alone.
+    options = {"dtype": "float32", "write_gate": "all", "relevance": 0.0, "margin_weight": 1000.0, **options}
     cfg = EngineConfig(memory="trace_bank", memory_options={k: str(v) for k, v in options.items()},
                        activation_log_path=None, background_updates=False,
                        decoding=DecodingConfig(max_tokens=MAX_TOKENS))
@@ -96,22 +98,26 @@ def random_extra(be: Any, layers: list[int], n: int, visible_from: int, seed: in
 
 # --- the write gate and the config -------------------------------------------------------------------
 
-def test_write_gate_keeps_first_person_statements_without_questions() -> None:
-    assert statements("My dog is called Rex.") == "My dog is called Rex."
-    assert statements("We moved to Oslo last year.") == "We moved to Oslo last year."
-    assert statements("What is my name?") == ""
-    assert statements("Why is the sky blue?") == ""
-    assert statements("Explain tides in one sentence.") == ""
-    assert statements("I have a cat called Pepper. What is my name?") == "I have a cat called Pepper."
-    assert statements("Hi! I\u2019m Bob, nice to meet you.") == "Hi! I'm Bob, nice to meet you."
-    assert statements("Is it true? I doubt it.") == "I doubt it."
+def test_sentences_split_at_sentence_ends_only() -> None:
+    assert sentences("Hi! I am Bob. What is up?") == ["Hi!", "I am Bob.", "What is up?"]
+    assert sentences("My teacher is Mrs. Okonkwo.") == ["My teacher is Mrs. Okonkwo."]
+    assert sentences("It was mango... no wait, lychee.") == ["It was mango... no wait, lychee."]
+    assert sentences("J. R. Smith lives here. So do I.") == ["J. R. Smith lives here.", "So do I."]
+    assert sentences("我很好。你呢？") == ["我很好。", "你呢？"]
+    assert is_question("Where do I live?") and is_question("Is it \u201cRex?\u201d") and not is_question("I live here.")
 
 
-def test_read_gate_is_first_person() -> None:
-    assert speaks_first_person("What is my name?") and speaks_first_person("Remind me of the plan.")
-    assert speaks_first_person("Where do we live?") and speaks_first_person("Tell us’ what I said")
-    assert not speaks_first_person("What is the capital of France?")
-    assert not speaks_first_person("Mimes and images.")  # "me"/"i" only as whole words
+def test_probe_separates_the_two_classes_it_was_fitted_on() -> None:
+    """The gate's probe on synthetic states: classes apart along one axis among noisy others."""
+    rng = np.random.default_rng(0)
+    inform, other = rng.normal(0, 1, (40, 16)), rng.normal(0, 1, (40, 16))
+    inform[:, 3] += 4.0
+    probe = fit_probe(inform, other)
+    assert (probe.score(inform) > 0).mean() > 0.9 and (probe.score(other) < 0).mean() > 0.9
+    assert np.argmax(np.abs(probe.direction)) == 3
+    fresh = rng.normal(0, 1, (200, 16))
+    fresh[:100, 3] += 4.0
+    assert ((probe.score(fresh) > 0) == (np.arange(200) < 100)).mean() > 0.9
 
 
 @pytest.mark.parametrize("field, value", [
@@ -152,18 +158,18 @@ def test_extra_kv_visibility_and_chunked_prefill(name: str, family: str, tiny_ba
     np.testing.assert_array_equal(again, plain)
 
 
-@pytest.mark.parametrize("scaffold", [True, False])
+@pytest.mark.parametrize("read_role", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # gemma3's sliding window needs a second mask
-def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, scaffold: bool,
+def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, read_role: bool,
                                                                    tiny_backend) -> None:
     """start_layer=0: the prompt's logits equal one forward of [system, statement turn, prompt turn] whose
     prompt positions restart right after the system prompt and whose prompt tokens see the whole statement
-    turn (scaffold=True) or only its content tokens (the trace's semantics: unshifted positions, every chat
-    token after the system prompt reads it)."""
+    turn, the user's role included (read_role=True), or only its content tokens (the trace's semantics:
+    unshifted positions, every chat token after the system prompt reads it)."""
     import torch
 
     be = tiny_backend("torch", family)
-    eng = engine(be, start_layer=0, threshold=0.99, sentence_threshold=1.0, scaffold=scaffold, read_gain=1)
+    eng = engine(be, start_layer=0, threshold=0.99, sentence_threshold=1.0, read_role=read_role, read_gain=1)
     try:
         teach(eng, FACT)
         trace = bank(eng).traces[0]
@@ -171,9 +177,9 @@ def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, 
         with_trace = prompt_logits(be, FACT)
         assert bank(eng).last_route is not None and bank(eng).last_route["retrieved"]
         turn, n_sys, content = bank(eng)._turn(FACT)
-        assert ids[:n_sys] == be.formatter._default_system_ids() and n_sys == trace.start
-        read = list(range(n_sys, len(turn))) if scaffold else content
-        assert trace.token_ids.tolist() == [turn[i] for i in read]
+        assert ids[:n_sys] == be.formatter._default_system_ids()
+        assert trace.token_ids.tolist() == [turn[i] for i in content]  # compact: only the statement's ids
+        read = list(range(n_sys, content[-1] + 1)) if read_role else content  # the role marker, not the end
         m = len(turn) - n_sys
         seq = ids[:n_sys] + turn[n_sys:] + ids[n_sys:]
         positions = list(range(n_sys + m)) + list(range(n_sys, len(ids)))
@@ -265,7 +271,8 @@ def test_save_load_in_a_new_engine_reproduces_replies(name: str, tiny_backend,
             eng.ask(text)
         assert len(bank(eng).traces) == 2
         state = eng.module.state_tensors()
-        assert state["buffer.keys"].dtype == np.float16 and state["buffer.route"].dtype == np.float16
+        assert state["buffer.route"].dtype == np.float16 and int(state["buffer.trace_format"][0]) == 2
+        assert "buffer.keys" not in state  # compact: keys/values are rebuilt when read
         path = eng.save_memory(tmp_path / "tb.safetensors")
         eng.learning = False
         expected = [reply(eng, q) for q in ("What is my name?", "What is my cat called?", UNRELATED)]
@@ -282,20 +289,13 @@ def test_save_load_in_a_new_engine_reproduces_replies(name: str, tiny_backend,
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_questions_are_not_stored_and_the_gate_can_be_turned_off(name: str, tiny_backend) -> None:
+def test_questions_are_never_stored_and_each_sentence_is_its_own_trace(name: str, tiny_backend) -> None:
     be = tiny_backend(name)
     eng = engine(be)
     try:
-        for text in ("What is the capital of France?", "Explain tides.", f"{OTHER} What is my name?"):
+        for text in ("What is the capital of France?", "Where do I live?", f"{OTHER} What is my name? {FACT}"):
             teach(eng, text)
-        assert len(bank(eng).traces) == 1
-        assert OTHER in bank(eng)._text(bank(eng).traces[0]) and "?" not in bank(eng)._text(bank(eng).traces[0])
-    finally:
-        eng.close()
-    eng = engine(be, write_gate=False)
-    try:
-        teach(eng, "What is the capital of France?")
-        assert len(bank(eng).traces) == 1
+        assert [bank(eng)._text(t) for t in bank(eng).traces] == [OTHER, FACT]
     finally:
         eng.close()
 
@@ -417,19 +417,103 @@ def test_a_sentence_inside_a_longer_message_routes_on_its_own(max_sentences: int
         eng.close()
 
 
-@pytest.mark.parametrize("gate", [True, False])
-def test_read_gate_keeps_impersonal_prompts_plain(gate: bool, tiny_backend) -> None:
-    """With the gate, a message that does not speak of the user is never routed (its reply is the plain
-    model's); without it, the same message routes (thresholds at -1: everything routes)."""
+@pytest.mark.parametrize("max_read, budget, spread, expected", [
+    (3, 96, 100.0, 3), (2, 96, 100.0, 2), (3, 96, 0.0, 1), (3, 12, 100.0, 1)])
+def test_a_reply_reads_the_best_few_traces_within_a_budget(max_read: int, budget: int, spread: float,
+                                                           expected: int, tiny_backend) -> None:
+    """Every candidate past `relevance` (at -100: all), the best first, is read until `max_read`, the
+    token `budget` or a relevance `spread` below the best stops it; the read turn holds them oldest first."""
     be = tiny_backend("torch")
-    impersonal = "Alice lives in Paris."
-    plain = plain_reply(be, impersonal)
-    eng = engine(be, threshold=-1, sentence_threshold=-1, read_gate=gate)
+    eng = engine(be, relevance=-100.0, margin_weight=1.0, max_read=max_read, read_budget=budget,
+                 read_spread=spread)
     try:
-        teach(eng, FACT)
-        got = reply(eng, impersonal)
-        assert bank(eng).last_route["retrieved"] == (not gate)
-        assert (got == plain) if gate else (be.extra_kv is not None)
+        for text in (FACT, OTHER, "I work as a baker in Lyon."):
+            teach(eng, text)
+        chosen = bank(eng).select("Where do I work?")
+        assert len(chosen) == expected and chosen == sorted(chosen)
+        assert len(chosen) == 1 or sum(len(bank(eng).traces[i].token_ids) for i in chosen) <= budget
+        reply(eng, "Where do I work?")
+        assert len(bank(eng).last_route["traces"]) == expected
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("supersede", [0.0, 1.0])
+def test_a_newer_statement_supersedes_the_older_which_stays_as_history(supersede: float, tiny_backend,
+                                                                       tmp_path: Path) -> None:
+    """supersede=0: every new statement replaces the current ones (the older is kept, listed as
+    replaced, never read, and current again when the newer is forgotten); supersede=1: none does
+    (the positive control that reading both is what happens otherwise)."""
+    from lmm.commands import run_command
+    from lmm.session import ChatSession
+
+    be = tiny_backend("torch")
+    eng = engine(be, relevance=-100.0, margin_weight=1.0, supersede=supersede, supersede_sentence=supersede,
+                 dedupe=1.0, read_spread=100.0)
+    try:
+        teach(eng, "My favourite colour is teal.")
+        teach(eng, "My favourite colour is now orange.")
+        items = eng.memory_items()
+        assert len(items) == 2 and items[1].replaced_by is None
+        assert items[0].replaced_by == (2 if supersede == 0.0 else None)
+        reply(eng, "What is my favourite colour?")
+        assert len(bank(eng).last_route["traces"]) == (1 if supersede == 0.0 else 2)
+        listing = run_command(ChatSession(eng), "/memory list").text
+        assert ("(replaced by 2)" in listing) == (supersede == 0.0)
+        path = eng.save_memory(tmp_path / "m.safetensors")
+        other = engine(be, supersede=supersede)
+        other.load_memory(path)
+        assert [i.replaced_by for i in other.memory_items()] == [i.replaced_by for i in items]
+        other.close()
+        eng.forget_item(2)
+        assert eng.memory_items()[0].replaced_by is None and len(bank(eng).select("my colour")) == 1
+    finally:
+        eng.close()
+
+
+def test_format_1_state_loads_and_upgrades(tiny_backend, tmp_path: Path) -> None:
+    """A file of the first trace format (keys/values of every layer, first-person gate options) loads:
+    its statements, routing and dates are kept, the keys/values dropped, the options upgraded."""
+    import json
+
+    from lmm.state import read_state, save_state
+
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99)
+    try:
+        for text in (FACT, OTHER):
+            teach(eng, text)
+        path = eng.save_memory(tmp_path / "new.safetensors")
+        header, tensors = read_state(path)
+        n, lens = 2, tensors["buffer.trace_tokens"]
+        old = {k: v for k, v in tensors.items() if k not in ("buffer.trace_format", "buffer.replaced_by",
+                                                              "buffer.said_at")}
+        old["buffer.keys"] = np.zeros((3, 2, int(lens.sum()), 4), dtype=np.float16)
+        old["buffer.values"] = old["buffer.keys"].copy()
+        old["buffer.starts"] = np.full(n, 5, dtype=np.int32)
+        config = json.loads(header.config)
+        config.pop("read_role")
+        config.update(scaffold=False, read_gate=True, write_gate=True)
+        header.config = json.dumps(config)
+        save_state(tmp_path / "old.safetensors", header, old)
+        other = engine(be)
+        other.load_memory(tmp_path / "old.safetensors")
+        assert [i.text for i in other.memory_items()] == [FACT, OTHER]
+        assert all(i.said_at is None and i.replaced_by is None for i in other.memory_items())
+        assert other.module.config.write_gate == "model" and not hasattr(other.module.config, "scaffold")
+        reply(other, FACT)
+        assert bank(other).last_route["traces"] == [FACT]
+        tensors = other.module.state_tensors()
+        assert "buffer.keys" not in tensors and int(tensors["buffer.trace_format"][0]) == 2
+        other.close()
+        bad = dict(old, **{"buffer.trace_format": np.asarray([9], dtype=np.int32)})
+        save_state(tmp_path / "future.safetensors", header, bad)
+        with pytest.raises(ValueError, match="trace format 9"):
+            other = engine(be)
+            try:
+                other.load_memory(tmp_path / "future.safetensors")
+            finally:
+                other.close()
     finally:
         eng.close()
 
@@ -440,8 +524,8 @@ def test_read_gain_repeats_each_trace_token(tiny_backend) -> None:
     try:
         teach(eng, FACT)
         trace = bank(eng).traces[0]
-        keys, values = bank(eng)._extra(trace).layers[0]
-        n = trace.keys.shape[2]
+        keys, values = bank(eng)._extra([trace]).layers[0]
+        n = len(trace.token_ids)  # the statement's words (read_role=False)
         assert keys.shape[2] == values.shape[2] == 3 * n
         np.testing.assert_array_equal(keys[0, :, :n].numpy(), keys[0, :, 2 * n:].numpy())
     finally:

@@ -251,6 +251,11 @@ class Backend(ABC):
         are asked for."""
         raise BackendError(f"{self.name} cannot capture layer states")
 
+    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
+        """log P(ids[i] | ids[:i]) for i >= 1 under the frozen model (no memory hook, no extra
+        keys/values), from one forward without a cache: float32 [len(ids) - 1]."""
+        raise BackendError(f"{self.name} cannot score tokens")
+
     # --- attention memory ----------------------------------------------------------
     def set_extra_kv(self, extra: ExtraKV | None) -> None:
         """Prepend `extra` keys/values to the attention of its layers in every following forward
@@ -403,6 +408,9 @@ class BackendView:
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = ()) -> Captured:
         return self._backend.capture(ids, hidden_layers=hidden_layers, kv_layers=kv_layers)
+
+    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
+        return self._backend.token_logprobs(ids)
 
     def read(self, extra: ExtraKV | None) -> None:
         self._backend.set_extra_kv(extra)

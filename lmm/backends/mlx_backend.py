@@ -236,6 +236,18 @@ class MlxBackend(Backend):
             mx.eval(logits)
         return logits
 
+    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
+        if len(ids) < 2:
+            raise BackendError("token_logprobs needs at least two tokens")
+        self._bypass_hook = True
+        try:
+            logits = self.model(mx.array([list(ids)]))[0, :-1].astype(mx.float32)
+        finally:
+            self._bypass_hook = False
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logp, mx.array(list(ids[1:]))[:, None], axis=1)[:, 0]
+        return np.array(picked, dtype=np.float32)
+
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = ()) -> Captured:
         if not ids:

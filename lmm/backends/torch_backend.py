@@ -265,6 +265,19 @@ class TorchBackend(Backend):
                 handle.remove()
         return plan.captured
 
+    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
+        if len(ids) < 2:
+            raise BackendError("token_logprobs needs at least two tokens")
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        self._bypass_hook = True
+        try:
+            with torch.no_grad(), plan_scope(None):
+                logits = self.model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+        finally:
+            self._bypass_hook = False
+        picked = torch.log_softmax(logits, dim=-1).gather(1, input_ids[0, 1:, None])[:, 0]
+        return picked.cpu().numpy().astype(np.float32)
+
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         with torch.no_grad(), plan_scope(self._plan(None)):  # offsets follow the growing cache

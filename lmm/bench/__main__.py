@@ -4,6 +4,8 @@
     python -m lmm.bench --modules lora_on_user --limit 4      # a quick run
     python -m lmm.bench --mm-opt lora_on_user.lr=0.01 --mm-opt hash_gradient.bits=12
     python -m lmm.bench --lifelong --sessions 5               # lifelong.jsonl into one memory
+    python -m lmm.bench --abilities                           # benchmarks/abilities/*.jsonl
+    python -m lmm.bench --locomo conv-26.json --speaker a     # a LoCoMo conversation, speaker a as user
 
 Writes `<out>/bench_<backend>_<timestamp>.json` (every answer), `latest_<backend>.json` and
 a PNG chart beside them (lifelong: `lifelong_<backend>_…`, `latest_lifelong_<backend>.*`).
@@ -56,12 +58,79 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding's repetition penalty over the reply (default 1.1, the chat's; 1: off)")
     p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
                    help="decoding never repeats an n-gram of N tokens of the reply (default 0: off)")
+    p.add_argument("--abilities", type=Path, nargs="?", const=Path("benchmarks/abilities"), default=None,
+                   metavar="DIR", help="the ability benchmark on DIR/<ability>.jsonl (default folder: "
+                                       "benchmarks/abilities); rows: none, the modules (default trace_bank), "
+                                       "in-context, oracle")
+    p.add_argument("--locomo", type=Path, default=None, metavar="FILE",
+                   help="a LoCoMo conversation (JSON): one speaker's turns taught session by session, "
+                        "single-hop questions about them asked in the first person")
+    p.add_argument("--speaker", default="a", choices=["a", "b"], help="--locomo: which speaker is the user")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def run_abilities(args: argparse.Namespace) -> int:
+    """--abilities / --locomo: the ability rows on one loaded backend; prints the table, writes JSON."""
+    import json
+
+    from lmm.bench.abilities import AbilityConfig, AbilityRun, format_table, load_cases, run_abilities
+    from lmm.bench.engines import check_module_options, load_shared_backend
+    from lmm.bench.locomo import load_locomo
+    from lmm.bench.scenarios import load_distractors
+    from lmm.models import artifacts_dir
+
+    options = parse_module_options(args.mm_opt, scoped=True)
+    modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else ["trace_bank"]
+    for module in modules:
+        check_module_options(module, options.get(module, {}))  # type: ignore[arg-type]
+    conversation = None
+    if args.locomo is not None:
+        conversation, cases = load_locomo(args.locomo, args.speaker)
+        unrelated: list[str] = []
+    else:
+        pool = load_distractors(args.distractors) if args.distractors.exists() else []
+        cases, unrelated = load_cases(args.abilities, pool)
+    if args.limit is not None:
+        cases = cases[: args.limit]
+    config = AbilityConfig(modules=modules, module_options=options,  # type: ignore[arg-type]
+                           references=not args.no_references, answer_tokens=args.max_tokens,
+                           reply_tokens=args.reply_tokens, seed=args.seed, repetition_penalty=args.repetition_penalty)
+    backend = load_shared_backend(args.backend, args.model, threads=args.threads)
+    done = [0]
+
+    def advance(desc: str) -> None:
+        done[0] += 1
+        if not args.no_progress:
+            print(f"\r[{done[0]}] {desc[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+    run = AbilityRun(backend, config, advance)
+    try:
+        results = run_abilities(run, cases, unrelated, conversation)
+    finally:
+        run.close()
+    if not args.no_progress:
+        print(file=sys.stderr)
+    results.update(command=" ".join(sys.argv), backend=backend.name, model_id=backend.model_id,
+                   source=str(args.locomo or args.abilities), speaker=args.speaker if args.locomo else None)
+    out = Path(args.out) if args.out is not None else artifacts_dir() / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    kind = "locomo" if args.locomo else "abilities"
+    path = out / f"{kind}_{backend.name}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    print(format_table(results))
+    print(f"wall time {results['wall_seconds']:.0f} s; JSON {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.abilities is not None or args.locomo is not None:
+        try:
+            return run_abilities(args)
+        except (ValueError, OSError, ModelError, BackendError) as exc:
+            print(f"lmm.bench: error: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.max_tokens < 1 or args.reply_tokens < 1:
             raise ValueError("--max-tokens and --reply-tokens must be >= 1")

@@ -46,7 +46,14 @@ class MemoryConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
+    def upgrade(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Options saved by an older version, rewritten for this one (a module that retired or
+        changed an option overrides this; the default keeps them as they are)."""
+        return values
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MemoryConfig:
+        values = cls.upgrade(dict(values))
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -121,6 +128,7 @@ class MemoryItem:
     text: str
     said_at: float | None = None  # Unix time the user said it, when known
     last_read: int | None = None  # how recently it was read, as the module's clock (larger: more recent)
+    replaced_by: int | None = None  # the item number (1-based, oldest first) of the newer item that superseded it
 
 
 @dataclass

@@ -1,0 +1,221 @@
+"""`trace_bank`'s routing: which stored statements a user message reads.
+
+Owns encoding a text as the only user turn of a chat (routing states of its content tokens, its
+whole-turn mean state), the neutral calibration that centres and weights them, and the two stages
+that decide what a reply reads. First stage, over every current trace: token-level late
+interaction (each query token's best cosine, weighted by how specific the token is) and the
+whole-turn cosine, ranked by the margin past the nearer threshold. Second stage, over the best
+`candidates`: the frozen model's own judgement, the mean gain in log-probability of the message's
+tokens when the statement precedes them (pointwise mutual information), plus `margin_weight`
+times the first-stage margin; a trace past `relevance` is read. A mixin of `TraceBank`, which owns
+the store, writing and reading; it holds no state of its own beyond caches.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lmm.memory.trace_gate import INFORM, OTHER, Probe, fit_probe, sentences
+from lmm.memory.traces import CALIBRATION, Trace, late_interaction, normalize
+from lmm.ops import Array, Ops
+from lmm.types import Captured, ModelView
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+class TraceRouting:
+    """Encoding and the two routing stages, for `TraceBank` (which sets the attributes below)."""
+
+    cfg: Any  # TraceBankConfig
+    ops: Ops
+    model: ModelView | None
+    traces: list[Trace]
+    center: np.ndarray | None
+    routing: int
+    sentence_layer: int
+    _index: tuple[np.ndarray, np.ndarray] | None
+    _queries: OrderedDict[str, tuple[np.ndarray, np.ndarray]]
+    _scored: OrderedDict[tuple[str, str], np.ndarray]
+    _generic: np.ndarray | None
+    _sentence_center: np.ndarray | None
+    _sentences: np.ndarray | None
+    last_relevance: dict[str, float]
+
+    def _text(self, trace: Trace) -> str:
+        raise NotImplementedError
+
+    # --- encoding ----------------------------------------------------------------------------------
+    @property
+    def _model(self) -> ModelView:
+        if self.model is None:
+            raise RuntimeError("trace_bank is not attached to a model (ChatEngine attaches it)")
+        return self.model
+
+    def _turn(self, text: str) -> tuple[list[int], int, list[int]]:
+        """Token ids of [system prompt + user turn(text)], the turn's first position, its content positions."""
+        turn = self._model.encode_turn(text)
+        return turn.ids, turn.start, turn.content
+
+    def _route_states(self, hidden: Array, content: list[int]) -> np.ndarray:
+        states = self.ops.to_numpy(hidden).astype(np.float32)
+        return states[content] if content else states[-1:]
+
+    def _encode(self, ids: list[int], start: int, content: list[int],
+                kv_layers: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, Captured]:
+        """One frozen forward of a turn: its routing states (content tokens entering `routing`), its
+        sentence state (mean of the turn entering `sentence_layer`), and the capture itself."""
+        cap = self._model.capture(ids, hidden_layers=(self.routing, self.sentence_layer), kv_layers=kv_layers)
+        route = self._route_states(cap.hidden[self.routing], content)
+        sentence = self.ops.to_numpy(cap.hidden[self.sentence_layer]).astype(np.float32)[start:].mean(axis=0)
+        return route, sentence, cap
+
+    def _content_mean(self, cap: Captured, content: list[int]) -> np.ndarray:
+        """The write gate's feature: the content tokens' mean state entering `sentence_layer`."""
+        states = self.ops.to_numpy(cap.hidden[self.sentence_layer]).astype(np.float32)
+        return states[content].mean(axis=0) if content else states[-1]
+
+    def _probe(self) -> Probe:
+        """The write gate, fitted once per loaded model on the labelled examples' states."""
+        def fit() -> Probe:
+            def states(texts: Sequence[str]) -> np.ndarray:
+                out = []
+                for text in texts:
+                    ids, start, content = self._turn(text)
+                    out.append(self._content_mean(self._encode(ids, start, content)[2], content))
+                return np.stack(out)
+            return fit_probe(states(INFORM), states(OTHER))
+
+        return self._model.memo(("trace_bank.gate", self.sentence_layer), fit)
+
+    def _calibration(self) -> tuple[np.ndarray, np.ndarray]:
+        """Routing states (all content tokens) and sentence states of the neutral CALIBRATION
+        messages. They depend on the frozen model only, so they are computed once per backend and
+        layer pair, not per module (a fresh engine routes at once)."""
+        def compute() -> tuple[np.ndarray, np.ndarray]:
+            encoded = [self._encode(*self._turn(text))[:2] for text in CALIBRATION]
+            return np.concatenate([r for r, _ in encoded]), np.stack([s for _, s in encoded])
+
+        return self._model.memo(("trace_bank.calibration", self.routing, self.sentence_layer), compute)
+
+    def _ensure_center(self) -> np.ndarray:
+        if self.center is None:
+            self.center = self._calibration()[0].mean(axis=0).astype(np.float32)
+        return self.center
+
+    def _ensure_sentence_center(self) -> np.ndarray:
+        if self._sentence_center is None:
+            self._sentence_center = self._calibration()[1].mean(axis=0)
+        return self._sentence_center
+
+    def _token_weights(self, query: np.ndarray) -> np.ndarray:
+        """How specific each (normalised, centred) query token is: 1 - its best cosine to any token
+        of the generic calibration messages, so "what is my" weighs little and "brother" much."""
+        if self._generic is None:
+            self._generic = normalize(self._calibration()[0] - self._ensure_center())
+        return np.clip(1.0 - (query @ self._generic.T).max(axis=1), 0.0, None)
+
+    def _query_states(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised centred routing states of the content tokens, normalised centred sentence state)."""
+        cached = self._queries.get(text)
+        if cached is None:
+            ids, start, content = self._turn(text)
+            cached = self._remember_query(text, *self._encode(ids, start, content)[:2])
+        else:
+            self._queries.move_to_end(text)
+        return cached
+
+    def _remember_query(self, text: str, route: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cached = (normalize(route - self._ensure_center()), normalize(sentence - self._ensure_sentence_center()))
+        self._queries[text] = cached
+        while len(self._queries) > 32:
+            self._queries.popitem(last=False)
+        return cached
+
+    def _sentence_index(self) -> np.ndarray:
+        if self._sentences is None:
+            stacked = np.stack([t.sentence.astype(np.float32) for t in self.traces])
+            self._sentences = normalize(stacked - self._ensure_sentence_center())
+        return self._sentences
+
+    def _routing_index(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._index is None:
+            center = self._ensure_center()
+            states = np.concatenate([t.route.astype(np.float32) for t in self.traces])
+            starts = np.cumsum([0] + [len(t.route) for t in self.traces[:-1]])
+            self._index = (normalize(states - center), starts)
+        return self._index
+
+    def _score_states(self, query: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        states, starts = self._routing_index()
+        return late_interaction(query, states, starts, self._token_weights(query)), self._sentence_index() @ sentence
+
+    def scores(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Routing scores of every stored trace for a user message `text`: (token-level, sentence-level),
+        each the best over the whole message and its sentences (a question inside a longer message
+        routes as it would alone). Superseded traces score -inf: they are never read."""
+        if not self.traces:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+        parts = sentences(text)
+        tokens, whole = [], []
+        for part in [text, *parts[: self.cfg.max_query_sentences]] if len(parts) > 1 else [text]:
+            t, s = self._score_states(*self._query_states(part))
+            tokens.append(t)
+            whole.append(s)
+        stale = np.asarray([not t.current for t in self.traces])
+        return np.where(stale, -np.inf, np.max(tokens, axis=0)), np.where(stale, -np.inf, np.max(whole, axis=0))
+
+    def margins(self, text: str) -> np.ndarray:
+        """How far each trace is past the nearer of its two thresholds for `text` (>= 0: routed)."""
+        tokens, whole = self.scores(text)
+        return np.maximum(tokens - self.cfg.threshold, whole - self.cfg.sentence_threshold)
+
+    # --- second stage ---------------------------------------------------------------------------------
+    def select(self, text: str) -> list[int]:
+        """Indices of the traces a reply to `text` reads, oldest first. First stage: every current trace
+        ranked by its routing margin; second stage: the best `candidates` checked by the frozen model
+        (`relevance`, plus `margin_weight` times the margin); read: the most relevant past the
+        `relevance` threshold, and the next within `read_spread` of it, at most `max_read` and
+        `read_budget` tokens."""
+        self.last_relevance = {}
+        if not text or not self.traces:
+            return []
+        margin = self.margins(text)
+        first = [int(i) for i in np.argsort(-margin, kind="stable")[: self.cfg.candidates] if np.isfinite(margin[i])]
+        gains = {i: self.relevance(self.traces[i], text) + self.cfg.margin_weight * float(margin[i]) for i in first}
+        order = sorted((i for i in first if gains[i] >= self.cfg.relevance), key=lambda i: -gains[i])
+        self.last_relevance = {self._text(self.traces[i]): round(gains[i], 3) for i in first}
+        chosen: list[int] = []
+        budget = self.cfg.read_budget
+        for i in order[: self.cfg.max_read]:
+            n = len(self.traces[i].token_ids)
+            if chosen and (gains[i] < gains[order[0]] - self.cfg.read_spread or n > budget):
+                break
+            chosen.append(i)
+            budget -= n
+        return sorted(chosen, key=lambda i: self.traces[i].written)
+
+    def relevance(self, trace: Trace, text: str) -> float:
+        """How much the statement makes the message likelier: the mean gain in log-probability of the
+        message's tokens when the statement precedes them in the user's turn (the frozen model's
+        pointwise mutual information; about 0 for a statement that has nothing to do with it)."""
+        alone = self._message_logprobs(text)
+        ids, _, content = self._turn(f"{self._text(trace)} {text}")
+        tail = content[-len(alone):]
+        after = self._model.token_logprobs(ids[: tail[-1] + 1])[np.asarray(tail) - 1]
+        return float(np.mean(after - alone))
+
+    def _message_logprobs(self, text: str) -> np.ndarray:
+        key = ("logprobs", text)
+        cached = self._scored.get(key)
+        if cached is None:
+            ids, _, content = self._turn(text)
+            content = content[-self.cfg.max_trace_tokens:] or [len(ids) - 1]
+            cached = self._model.token_logprobs(ids[: content[-1] + 1])[np.asarray(content) - 1]
+            self._scored[key] = cached
+            while len(self._scored) > 32:
+                self._scored.popitem(last=False)
+        return cached
