@@ -71,3 +71,40 @@ def test_teach_save_load_in_new_process(embedded, tmp_path: Path) -> None:
     assert len(post) == 1 and post[0]["user_text"] == FACT
     decoded = "".join(post[0]["user_response_token_loss_by_decoded_token"])
     assert "SmolLM" not in decoded and "Hugging" not in decoded  # the template's system prompt is not learned
+
+
+def test_trace_bank_decides_with_the_model(embedded) -> None:
+    """On the real model: the write gate keeps statements in any person and skips small talk and
+    questions; the second routing stage reads the right statement for a question in other words and
+    nothing for an unrelated prompt (whose reply stays the plain model's). Positive control: with the
+    second stage's threshold removed the unrelated prompt does read something."""
+    backend = load_backend("torch", embedded.path, embedded.model_id)
+    decoding = DecodingConfig(max_tokens=12)
+
+    def engine(**options: str) -> ChatEngine:
+        return ChatEngine(EngineConfig(memory="trace_bank", memory_options=options, activation_log_path=None,
+                                       background_updates=False, decoding=decoding), backend=backend)
+
+    eng = engine()
+    try:
+        bank = eng.module
+        for text in ("Hi! The wifi password at the cabin is pinecone77.", "Thanks, that was really helpful!",
+                     "What is the capital of France?", "My younger brother is called Kenji."):
+            bank.write([{"role": "user", "content": text}], 0)
+        assert [bank._text(t) for t in bank.traces] == ["The wifi password at the cabin is pinecone77.",
+                                                        "My younger brother is called Kenji."]
+        assert [bank._text(bank.traces[i]) for i in bank.select("What's the cabin's wifi password?")] == [
+            "The wifi password at the cabin is pinecone77."]
+        unrelated = "Can you help me write a short poem about autumn?"
+        assert bank.select(unrelated) == []
+        plain = eng.respond([{"role": "user", "content": unrelated}], memory=False).tokens
+        assert eng.respond([{"role": "user", "content": unrelated}]).tokens == plain
+    finally:
+        eng.close()
+    eng = engine(relevance="-100")
+    try:
+        eng.module.write([{"role": "user", "content": "My younger brother is called Kenji."}], 0)
+        assert eng.module.select("Can you help me write a short poem about autumn?") == [0]
+    finally:
+        eng.close()
+    backend.close()
