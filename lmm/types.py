@@ -78,8 +78,9 @@ class ModelView(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
-                kv_layers: Sequence[int] = ()) -> Captured:
-        """Run the frozen model (no memory) on `ids` from an empty cache, in one forward."""
+                kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
+        """Run the frozen model (no memory) on `ids` from an empty cache, in one forward; with `shift`,
+        keys as if every token sat `shift` positions later."""
         ...
 
     def token_logprobs(self, ids: Sequence[int]) -> Any:

@@ -140,3 +140,28 @@ def test_token_logprobs_are_the_frozen_models(backend_name: str, family: str, ti
     finally:
         backend.set_extra_kv(None)
         backend.remove_hook()
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_keys_shift_alike_on_both_backends(family: str, tiny_backend) -> None:
+    """capture(shift=s): torch computes the forward at shifted positions, mlx rotates the keys with each
+    layer's own RoPE afterwards; both give the same keys, and values and hidden states do not move."""
+    torch_be, mlx_be = tiny_backend("torch", family), tiny_backend("mlx_lm", family)
+    ids = torch_be.formatter.generation_ids(MESSAGES)[:12]
+    layers = [0, torch_be.num_layers - 1]
+    got = {}
+    for be in (torch_be, mlx_be):
+        for shift in (0, -5):
+            cap = be.capture(ids, hidden_layers=[1], kv_layers=layers, shift=shift)
+            got[be.name, shift] = ([be.ops.to_numpy(cap.kv[i][0]) for i in layers],
+                                   [be.ops.to_numpy(cap.kv[i][1]) for i in layers], be.ops.to_numpy(cap.hidden[1]))
+    for shift in (0, -5):
+        t, m = got["torch", shift], got["mlx_lm", shift]
+        for a, b in zip(t[0] + t[1], m[0] + m[1], strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)
+    for be in ("torch", "mlx_lm"):
+        assert not np.allclose(got[be, 0][0][1], got[be, -5][0][1], atol=1e-3)  # keys move
+        for a, b in zip(got[be, 0][1], got[be, -5][1], strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)  # values do not
+        np.testing.assert_allclose(got[be, 0][2], got[be, -5][2], atol=2e-4, rtol=1e-3)

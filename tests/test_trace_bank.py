@@ -162,10 +162,12 @@ def test_extra_kv_visibility_and_chunked_prefill(name: str, family: str, tiny_ba
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # gemma3's sliding window needs a second mask
 def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, read_role: bool,
                                                                    tiny_backend) -> None:
-    """start_layer=0: the prompt's logits equal one forward of [system, statement turn, prompt turn] whose
-    prompt positions restart right after the system prompt and whose prompt tokens see the whole statement
-    turn, the user's role included (read_role=True), or only its content tokens (the trace's semantics:
-    unshifted positions, every chat token after the system prompt reads it)."""
+    """start_layer=0: the prompt's logits equal one forward with an explicit mask and positions.
+    read_role=False: [system, statement turn, prompt turn], the prompt restarting right after the system
+    prompt and seeing only the statement's words (the words read at the chat's first positions).
+    read_role=True: [system', statement turn, system, prompt turn] where system' and the statement turn
+    sit m positions earlier (m: the turn's length, so the turn ends where the chat's first turn starts),
+    and the prompt sees the whole statement turn and the real system prompt, not system'."""
     import torch
 
     be = tiny_backend("torch", family)
@@ -179,22 +181,33 @@ def test_trace_read_by_every_layer_equals_the_statement_in_context(family: str, 
         turn, n_sys, content = bank(eng)._turn(FACT)
         assert ids[:n_sys] == be.formatter._default_system_ids()
         assert trace.token_ids.tolist() == [turn[i] for i in content]  # compact: only the statement's ids
-        read = list(range(n_sys, content[-1] + 1)) if read_role else content  # the role marker, not the end
         m = len(turn) - n_sys
-        seq = ids[:n_sys] + turn[n_sys:] + ids[n_sys:]
-        positions = list(range(n_sys + m)) + list(range(n_sys, len(ids)))
+        if read_role:
+            seq = turn + ids  # system', statement turn, then the chat: system, prompt turn
+            positions = list(range(-m, n_sys)) + list(range(len(ids)))
+            q0 = len(turn)
+            read = list(range(n_sys, q0))
+        else:
+            seq = ids[:n_sys] + turn[n_sys:] + ids[n_sys:]
+            positions = list(range(n_sys + m)) + list(range(n_sys, len(ids)))
+            q0 = n_sys + m
+            read = content
         t = len(seq)
         allowed = np.tril(np.ones((t, t), dtype=bool))
-        q0 = n_sys + m
-        allowed[q0:, read] = True  # prompt tokens see the trace's tokens of the statement turn ...
-        allowed[q0:, sorted(set(range(n_sys, q0)) - set(read))] = False  # ... and no other
+        chat = list(range(q0, t))
+        allowed[q0:, :q0] = False
+        if read_role:
+            allowed[q0 + n_sys:, read] = True  # the chat after its system prompt sees the statement turn
+        else:
+            allowed[q0:, :n_sys] = True  # the chat's own system prompt
+            allowed[q0:, read] = True  # ... and the statement's words
         model = be.model
         mask = torch.where(torch.from_numpy(allowed), 0.0, torch.finfo(torch.float32).min)[None, None]
         be.set_extra_kv(None)
         with torch.no_grad():
             out = model(input_ids=torch.tensor([seq]), position_ids=torch.tensor([positions]),
                         attention_mask=mask.to(model.dtype)).logits[0].float().numpy()
-        expected = np.concatenate([out[:n_sys], out[q0:]])
+        expected = out[chat] if read_role else np.concatenate([out[:n_sys], out[q0:]])
         np.testing.assert_allclose(with_trace, expected, rtol=1e-4, atol=1e-4)
     finally:
         eng.close()
@@ -525,7 +538,8 @@ def test_read_gain_repeats_each_trace_token(tiny_backend) -> None:
         teach(eng, FACT)
         trace = bank(eng).traces[0]
         keys, values = bank(eng)._extra([trace]).layers[0]
-        n = len(trace.token_ids)  # the statement's words (read_role=False)
+        ids, start, _ = bank(eng)._turn(FACT)
+        n = len(ids) - start  # the whole user turn (read_role=True)
         assert keys.shape[2] == values.shape[2] == 3 * n
         np.testing.assert_array_equal(keys[0, :, :n].numpy(), keys[0, :, 2 * n:].numpy())
     finally:

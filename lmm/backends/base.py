@@ -244,11 +244,13 @@ class Backend(ABC):
         self.release_thread()
 
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
-                kv_layers: Sequence[int] = ()) -> Captured:
+                kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
         """Run the frozen model (memory hook bypassed, no extra keys/values) on `ids` from an empty
         cache; return the hidden states entering each of `hidden_layers` and the keys/values of
         `kv_layers`, all from one forward. Stops after the deepest hidden layer when no keys/values
-        are asked for."""
+        are asked for. `shift`: the keys are rotated as if every token sat `shift` positions later
+        (negative: earlier); RoPE attention depends on relative positions only, so nothing else
+        changes."""
         raise BackendError(f"{self.name} cannot capture layer states")
 
     def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
@@ -406,8 +408,8 @@ class BackendView:
         return self._backend.formatter.decode(list(ids))
 
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
-                kv_layers: Sequence[int] = ()) -> Captured:
-        return self._backend.capture(ids, hidden_layers=hidden_layers, kv_layers=kv_layers)
+                kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
+        return self._backend.capture(ids, hidden_layers=hidden_layers, kv_layers=kv_layers, shift=shift)
 
     def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
         return self._backend.token_logprobs(ids)

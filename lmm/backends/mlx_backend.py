@@ -249,7 +249,7 @@ class MlxBackend(Backend):
         return np.array(picked, dtype=np.float32)
 
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
-                kv_layers: Sequence[int] = ()) -> Captured:
+                kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
         if not ids:
             raise BackendError("capture needs at least one token")
         plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layers=frozenset(hidden_layers),
@@ -266,5 +266,13 @@ class MlxBackend(Backend):
             self._bypass_hook = False
             self._keep = None
         captured = plan.captured
+        if shift:
+            captured.kv = {i: (self._shift_keys(i, k, shift), v) for i, (k, v) in captured.kv.items()}
         mx.eval(captured.hidden, captured.kv)
         return captured
+
+    def _shift_keys(self, layer: int, keys: mx.array, shift: int) -> mx.array:
+        """Rotate RoPE-applied keys [1, H, L, D] by `shift` positions with the layer's own RoPE: each
+        token as its own one-token sequence at offset `shift` (rotations add up)."""
+        rope = self.layers[layer].self_attn.rope
+        return rope(keys.transpose(2, 1, 0, 3), offset=shift).transpose(2, 1, 0, 3)

@@ -233,7 +233,7 @@ class TorchBackend(Backend):
         return out.logits[0].float()
 
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
-                kv_layers: Sequence[int] = ()) -> Captured:
+                kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
         if not ids:
             raise BackendError("capture needs at least one token")
         if kv_layers:
@@ -255,7 +255,8 @@ class TorchBackend(Backend):
         self._bypass_hook = True
         try:
             with torch.no_grad(), plan_scope(plan):
-                self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                positions = torch.arange(shift, shift + len(ids), device=self.device)[None]
+                self.model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
                            **{self._cache_kw: self.new_cache()})
         except StopForward:
             pass

@@ -7,12 +7,12 @@ once through the frozen model as the only user turn and becomes a trace: its tok
 routing keys (content-token states entering `routing_layer`, the turn's mean state entering
 `sentence_layer`). A new statement about the same thing as an older one supersedes it: the older
 stays as history (shown as replaced) and is never read again. Read (`before_reply`): the last
-user message, whatever its wording, is scored against every current trace, token by token (late
-interaction weighted by how specific each query token is) and as a whole; the best few past
-either threshold, within a token budget, are rendered as one earlier user turn (the user's role
-kept) and handed to the model as extra keys/values of every layer from `start_layer`, each token
-`read_gain` times. With none past the thresholds (something never told), replies are the plain
-model's, bit for bit. Nothing is forgotten by accident: past `max_traces` (100,000) or the disk
+user message, whatever its wording, is routed in two stages (`lmm.memory.trace_routing`); the few
+traces it reads, within a token budget, are rendered as one user turn (the user's role kept),
+placed by RoPE right before the chat's first turn, where an earlier exchange would sit, and
+handed to the model as extra keys/values of every layer from `start_layer`, each token
+`read_gain` times. With none read (something never told), replies are the plain model's, bit for
+bit. Nothing is forgotten by accident: past `max_traces` (100,000) or the disk
 budget `max_bytes`, the least recently read traces go, and the write says which.
 
 It does not own the routing arithmetic or the state packing (`lmm.memory.traces`), the write gate's
@@ -64,8 +64,8 @@ class TraceBankConfig(MemoryConfig):
     max_read: int = 3  # traces read for one reply at most
     read_budget: int = 96  # statement tokens read for one reply at most
     read_spread: float = 1.0  # a further trace is read when its relevance is within this of the best's
-    read_gain: int = 2  # each read token is read this many times: its attention weight times read_gain
-    read_role: bool = False  # also read the template's user-role marker before the words (measured: fewer recalled)
+    read_gain: int = 3  # each read token is read this many times: its attention weight times read_gain
+    read_role: bool = True  # read the whole user turn placed before the chat (False: the words, at its start)
     write_gate: str = "model"  # model: sentences the probe says inform; all: every sentence but questions
     gate_bias: float = 0.0  # probe score a sentence needs (0: halfway between the examples' classes)
     supersede: float = 0.55  # a new statement scoring >= this against an older one as a query (token level) ...
@@ -304,10 +304,14 @@ class TraceBank(TraceRouting, DirectMemory):
             self._extras.move_to_end(key)
             return extra
         ids, start, content = self._turn(" ".join(self._text(t) for t in chosen))
-        cap = self._model.capture(ids, kv_layers=self.kv_layers)
-        # The user's role marker and the words, not the turn's end: an ended turn right before the
-        # reply's positions makes the model open with its own role name ("assistant ...").
-        keep = np.arange(start, content[-1] + 1) if self.cfg.read_role and content else np.asarray(content or [start])
+        if self.cfg.read_role and content:
+            # The whole user turn (role marker, words, end of turn), its keys moved to end right
+            # before the chat's first turn, where an earlier exchange would sit.
+            keep = np.arange(start, len(ids))
+            cap = self._model.capture(ids, kv_layers=self.kv_layers, shift=-len(keep))
+        else:  # the words alone, at the positions of the chat's first turn (format 1's reading)
+            keep = np.asarray(content or [start])
+            cap = self._model.capture(ids, kv_layers=self.kv_layers)
         gain = self.cfg.read_gain  # k copies of a key add log(k) to its attention logit
         layers = {}
         for layer in self.kv_layers:
