@@ -122,7 +122,7 @@ def test_probe_separates_the_two_classes_it_was_fitted_on() -> None:
 
 @pytest.mark.parametrize("field, value", [
     ("threshold", 1.5), ("threshold", float("nan")), ("start_layer", -2), ("routing_layer", -2), ("max_traces", 0),
-    ("max_trace_tokens", 3), ("dedupe", 1.5), ("dtype", "int8"), ("sentence_threshold", 1.5),
+    ("max_trace_tokens", 3), ("dedupe", 1.5), ("dtype", "int4"), ("sentence_threshold", 1.5),
     ("sentence_layer", -2), ("max_query_sentences", -1), ("read_gain", 0),
 ])
 def test_config_rejects_bad_values(field: str, value: Any) -> None:
@@ -274,24 +274,26 @@ def test_multi_turn_chat_matches_a_fresh_prefill(name: str, tiny_backend) -> Non
         eng.close()
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
 @pytest.mark.parametrize("name", BACKENDS)
-def test_save_load_in_a_new_engine_reproduces_replies(name: str, tiny_backend,
+def test_save_load_in_a_new_engine_reproduces_replies(name: str, dtype: str, tiny_backend,
                                                       tmp_path: Path) -> None:
     be = tiny_backend(name)
-    eng = engine(be, dtype="float16")
+    eng = engine(be, dtype=dtype)
     try:
         for text in (FACT, "Why is the sky blue?", OTHER):
             eng.ask(text)
         assert len(bank(eng).traces) == 2
         state = eng.module.state_tensors()
-        assert state["buffer.route"].dtype == np.float16 and int(state["buffer.trace_format"][0]) == 2
+        assert state["buffer.route"].dtype == np.dtype(dtype) and int(state["buffer.trace_format"][0]) == 2
+        assert ("buffer.route_scale" in state) == (dtype == "int8")
         assert "buffer.keys" not in state  # compact: keys/values are rebuilt when read
         path = eng.save_memory(tmp_path / "tb.safetensors")
         eng.learning = False
         expected = [reply(eng, q) for q in ("What is my name?", "What is my cat called?", UNRELATED)]
     finally:
         eng.close()
-    other = engine(be, dtype="float16")
+    other = engine(be, dtype=dtype)
     try:
         other.load_memory(path)
         assert digest(other.module.state_tensors()) == digest(state)

@@ -74,7 +74,7 @@ class TraceBankConfig(MemoryConfig):
     max_traces: int = 100_000  # past this many, the least recently read traces are dropped (with a notice)
     max_bytes: int = 1 << 30  # the memory's budget for trace data; past it, the same (and the notice says so)
     max_trace_tokens: int = 96  # longer sentences are not stored
-    dtype: str = "float16"  # storage of routing states: float16 or float32
+    dtype: str = "int8"  # storage of routing states: int8 (a scale per row), float16 or float32
 
     RETIRED: ClassVar[tuple[str, ...]] = ("scaffold", "read_gate")  # options of the format-1 traces
 
@@ -104,8 +104,8 @@ class TraceBankConfig(MemoryConfig):
         for name in ("supersede", "supersede_sentence", "dedupe"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.dtype not in ("int8", "float16", "float32"):
+            raise ValueError(f"dtype must be int8, float16 or float32, got {self.dtype!r}")
 
 
 @register
@@ -188,10 +188,9 @@ class TraceBank(TraceRouting, DirectMemory):
                 if score < self.cfg.gate_bias:
                     skipped += 1
                     continue
-            dtype = np.dtype(self.cfg.dtype)
             trace = Trace(token_ids=np.asarray([ids[i] for i in content] or ids[start:], dtype=np.int32),
-                          route=route.astype(dtype), sentence=sentence.astype(dtype),
-                          written=self.clock, used=self.clock, said_at=time.time())
+                          route=route, sentence=sentence, written=self.clock, used=self.clock,
+                          said_at=time.time()).stored_as(self.cfg.dtype)
             self.clock += 1
             verb = self._place(trace, route, sentence)
             result.dropped += self._add(trace)
@@ -365,7 +364,9 @@ class TraceBank(TraceRouting, DirectMemory):
         if center is not None and center.shape != (self.hidden_size,):
             raise StateError(f"tensor buffer.center has shape {center.shape}, module {self.name} expects "
                              f"({self.hidden_size},)")
-        traces = unpack_traces(tensors, self.hidden_size, self.name)
+        target = np.dtype(self.cfg.dtype)  # a file of another storage (format 1: float16) is converted
+        traces = [t if t.route.dtype == target else t.stored_as(self.cfg.dtype)
+                  for t in unpack_traces(tensors, self.hidden_size, self.name)]
         if traces and center is None:
             raise StateError(f"inconsistent trace tensors in state for module {self.name}")
         self.traces = []
@@ -382,4 +383,5 @@ class TraceBank(TraceRouting, DirectMemory):
 
 
 def _trace_bytes(trace: Trace) -> int:
-    return int(trace.route.nbytes + trace.sentence.nbytes + trace.token_ids.nbytes + 40)  # 40: the scalars
+    scales = 0 if trace.route_scale is None else trace.route_scale.nbytes + trace.sentence_scale.nbytes
+    return int(trace.route.nbytes + trace.sentence.nbytes + trace.token_ids.nbytes + scales + 40)  # 40: scalars

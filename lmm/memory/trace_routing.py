@@ -137,14 +137,14 @@ class TraceRouting:
 
     def _sentence_index(self) -> np.ndarray:
         if self._sentences is None:
-            stacked = np.stack([t.sentence.astype(np.float32) for t in self.traces])
+            stacked = np.stack([t.sentence_state() for t in self.traces])
             self._sentences = normalize(stacked - self._ensure_sentence_center())
         return self._sentences
 
     def _routing_index(self) -> tuple[np.ndarray, np.ndarray]:
         if self._index is None:
             center = self._ensure_center()
-            states = np.concatenate([t.route.astype(np.float32) for t in self.traces])
+            states = np.concatenate([t.route_states() for t in self.traces])
             starts = np.cumsum([0] + [len(t.route) for t in self.traces[:-1]])
             self._index = (normalize(states - center), starts)
         return self._index

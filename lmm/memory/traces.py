@@ -8,7 +8,7 @@ code: encoding text, routing decisions and reading traces live in `trace_bank`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,17 +44,47 @@ class Trace:
     recomputed for the few traces a reply reads, in one short forward)."""
 
     token_ids: np.ndarray  # int32 [L]: the statement's tokens
-    route: np.ndarray  # [R, d] routing states of the content tokens
-    sentence: np.ndarray  # [d] mean state of the user turn entering sentence_layer
+    route: np.ndarray  # [R, d] routing states of the content tokens (int8 with `route_scale`, or float)
+    sentence: np.ndarray  # [d] mean state of the user turn entering sentence_layer (same storage)
     written: int  # clock at writing (unique per trace: the trace's stable number)
     used: int  # clock at the last retrieval (written, until retrieved)
     said_at: float = float("nan")  # when the user said it (Unix time; NaN in files older than this field)
     replaced_by: int = -1  # `written` of the newer statement that superseded it (-1: current)
+    route_scale: np.ndarray | None = None  # float32 [R]: per-row scales of an int8 `route`
+    sentence_scale: np.ndarray | None = None  # float32 [1]: the scale of an int8 `sentence`
     uid: int = 0  # in-process identity (caches), not saved
 
     @property
     def current(self) -> bool:
         return self.replaced_by < 0
+
+    def route_states(self) -> np.ndarray:
+        return dequantize(self.route, self.route_scale)
+
+    def sentence_state(self) -> np.ndarray:
+        return dequantize(self.sentence[None], self.sentence_scale)[0]
+
+    def stored_as(self, dtype: str) -> Trace:
+        """This trace with its routing states kept as `dtype` (int8: per-row scales; or a float type)."""
+        route, sentence = self.route_states(), self.sentence_state()
+        if dtype == "int8":
+            (r, rs), (s, ss) = quantize(route), quantize(sentence[None])
+            return replace(self, route=r, route_scale=rs, sentence=s[0], sentence_scale=ss)
+        return replace(self, route=route.astype(dtype), sentence=sentence.astype(dtype), route_scale=None,
+                       sentence_scale=None)
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `x` as int8 times a float32 scale per row (the row's largest magnitude over 127)."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.maximum(np.abs(x).max(axis=-1), 1e-12) / 127.0
+    return np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def dequantize(x: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    if scale is None:
+        return np.asarray(x, dtype=np.float32)
+    return x.astype(np.float32) * scale[..., None]
 
 
 def late_interaction(query: np.ndarray, keys: np.ndarray, starts: np.ndarray,
@@ -73,7 +103,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 TRACE_FORMAT = 2  # 1: keys/values of every layer kept per trace (read and upgraded); 2: compact
 TRACE_KEYS = ("route", "sentence", "token_ids", "trace_tokens", "route_tokens", "written", "used")
-OPTIONAL_KEYS = ("said_at", "replaced_by")  # absent from older files
+OPTIONAL_KEYS = ("said_at", "replaced_by", "route_scale", "sentence_scale")  # absent from older files
 RETIRED_KEYS = ("keys", "values", "starts")  # format 1's stored keys/values: dropped on load
 
 
@@ -94,6 +124,9 @@ def pack_traces(traces: list[Trace]) -> dict[str, np.ndarray]:
         "buffer.said_at": np.asarray([x.said_at for x in t], dtype=np.float64),
         "buffer.replaced_by": np.asarray([x.replaced_by for x in t], dtype=np.int64),
     })
+    if t[0].route_scale is not None:  # int8 states (every trace of a memory is stored alike)
+        out["buffer.route_scale"] = np.concatenate([x.route_scale for x in t]).astype(np.float32)
+        out["buffer.sentence_scale"] = np.concatenate([x.sentence_scale for x in t]).astype(np.float32)
     return out
 
 
@@ -120,14 +153,20 @@ def unpack_traces(tensors: dict[str, np.ndarray], hidden_size: int, module: str)
     if version == 1 and "buffer.keys" in tensors:
         ok = ok and tensors["buffer.keys"].ndim == 4 and tensors["buffer.keys"].shape[2] == int(lens.sum())
     extra = {k: tensors.get(f"buffer.{k}") for k in OPTIONAL_KEYS}
-    ok = ok and all(v is None or v.shape == (n,) for v in extra.values())
+    quantized = g["route"].dtype == np.int8
+    ok = ok and all(v is None or v.shape == (n,) for k, v in extra.items() if k != "route_scale")
+    ok = ok and quantized == (extra["route_scale"] is not None) == (extra["sentence_scale"] is not None)
+    ok = ok and (g["sentence"].dtype == np.int8) == quantized
+    ok = ok and (not quantized or extra["route_scale"].shape == (int(rlens.sum()),))
     if not ok:
         raise StateError(f"inconsistent trace tensors in state for module {module}")
     said, replaced = extra["said_at"], extra["replaced_by"]
     ids = np.split(g["token_ids"], np.cumsum(lens)[:-1])
     routes = np.split(g["route"], np.cumsum(rlens)[:-1])
+    scales = np.split(extra["route_scale"], np.cumsum(rlens)[:-1]) if quantized else [None] * n
     return [Trace(token_ids=ids[i].astype(np.int32), route=routes[i], sentence=g["sentence"][i],
                   written=int(g["written"][i]), used=int(g["used"][i]),
                   said_at=float(said[i]) if said is not None else float("nan"),
-                  replaced_by=int(replaced[i]) if replaced is not None else -1)
+                  replaced_by=int(replaced[i]) if replaced is not None else -1,
+                  route_scale=scales[i], sentence_scale=extra["sentence_scale"][i:i + 1] if quantized else None)
             for i in range(n)]
