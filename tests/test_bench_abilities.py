@@ -140,3 +140,25 @@ def test_bench_abilities_end_to_end(mode: str, tiny_models: dict[str, Path], tmp
 def test_bench_abilities_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert bench_main(["--locomo", str(tmp_path / "missing.json"), "--no-progress"]) == 2
     assert "lmm.bench: error:" in capsys.readouterr().err
+
+
+def test_scale_facts_are_distinct_and_seeded() -> None:
+    from lmm.bench.scale import generate_facts
+
+    facts = generate_facts(400, seed=3)
+    assert facts == generate_facts(400, seed=3) and facts != generate_facts(400, seed=4)
+    assert len({f.answer for f in facts}) == 400 and len({f.question for f in facts}) == 400
+    assert all(f.answer in f.statement and f.answer not in f.question for f in facts)
+
+
+def test_bench_scale_end_to_end(tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    code = bench_main(["--scale", "3,6", "--backend", "torch", "--model", str(tiny_models["llama"]), "--out", str(out),
+                       "--max-tokens", "3", "--no-progress", "--mm-opt", "trace_bank.write_gate=all"])
+    assert code == 0
+    results = json.loads(next(out.glob("scale_torch_*.json")).read_text())
+    assert [r["n"] for r in results["rows"]] == [3, 6] and [r["traces"] for r in results["rows"]] == [3, 6]
+    assert all(r["bytes_per_fact"] > 0 and r["write_ms_median"] > 0 for r in results["rows"])
+    assert next(out.glob("scale_torch_*.png")).stat().st_size > 1000
+    assert "| 6 |" in capsys.readouterr().out
+    assert bench_main(["--scale", "ten", "--no-progress"]) == 2

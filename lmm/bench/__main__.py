@@ -6,6 +6,7 @@
     python -m lmm.bench --lifelong --sessions 5               # lifelong.jsonl into one memory
     python -m lmm.bench --abilities                           # benchmarks/abilities/*.jsonl
     python -m lmm.bench --locomo conv-26.json --speaker a     # a LoCoMo conversation, speaker a as user
+    python -m lmm.bench --scale 10,100,1000                   # synthetic facts into one growing memory
 
 Writes `<out>/bench_<backend>_<timestamp>.json` (every answer), `latest_<backend>.json` and
 a PNG chart beside them (lifelong: `lifelong_<backend>_…`, `latest_lifelong_<backend>.*`).
@@ -66,8 +67,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoCoMo conversation (JSON): one speaker's turns taught session by session, "
                         "single-hop questions about them asked in the first person")
     p.add_argument("--speaker", default="a", choices=["a", "b"], help="--locomo: which speaker is the user")
+    p.add_argument("--scale", default=None, metavar="N,N,...",
+                   help="write N synthetic facts into one memory of the module (default trace_bank) and ask a "
+                        "sample at each N: recall, locality, write and routing time, bytes per fact, load time")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def run_scale_cli(args: argparse.Namespace) -> int:
+    """--scale: one growing memory; prints the table, writes JSON and a PNG."""
+    import json
+
+    from lmm.bench.engines import check_module_options, load_shared_backend
+    from lmm.bench.scale import format_scale, plot_scale, run_scale
+    from lmm.models import artifacts_dir
+
+    try:
+        sizes = [int(x) for x in args.scale.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--scale expects comma-separated counts, got {args.scale!r}") from None
+    module = args.modules.split(",")[0].strip() if args.modules else "trace_bank"
+    options = parse_module_options(args.mm_opt, scoped=True).get(module, {})  # type: ignore[union-attr]
+    check_module_options(module, options)  # type: ignore[arg-type]
+    backend = load_shared_backend(args.backend, args.model, threads=args.threads)
+
+    def advance(desc: str) -> None:
+        if not args.no_progress:
+            print(f"\r{desc[:76]:<76}", end="", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    results = run_scale(backend, module, options, sizes, answer_tokens=args.max_tokens,  # type: ignore[arg-type]
+                        seed=args.seed, advance=advance)
+    if not args.no_progress:
+        print(file=sys.stderr)
+    results.update(command=" ".join(sys.argv), backend=backend.name, model_id=backend.model_id,
+                   wall_seconds=time.perf_counter() - start)
+    out = Path(args.out) if args.out is not None else artifacts_dir() / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"scale_{backend.name}_{time.strftime('%Y%m%d_%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    plot_scale(results, stem.with_suffix(".png"))
+    print(format_scale(results))
+    print(f"wall time {results['wall_seconds']:.0f} s; JSON {stem.with_suffix('.json')}; "
+          f"chart {stem.with_suffix('.png')}")
+    return 0
 
 
 def run_abilities(args: argparse.Namespace) -> int:
@@ -125,6 +168,12 @@ def run_abilities(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.scale is not None:
+        try:
+            return run_scale_cli(args)
+        except (ValueError, OSError, ModelError, BackendError) as exc:
+            print(f"lmm.bench: error: {exc}", file=sys.stderr)
+            return 2
     if args.abilities is not None or args.locomo is not None:
         try:
             return run_abilities(args)
