@@ -116,6 +116,7 @@ class ChatEngine:
         self.turns = 0
         self.created_at = now_iso()
         self.last_update: UpdateSummary | None = None
+        self._read_seconds = 0.0  # the module's read before the last reply (part of its time to first token)
         self.history: list[TurnResult] = []  # every turn of this engine, with its update once applied
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmm-update",
                                             initializer=backend.prepare_thread)
@@ -143,7 +144,7 @@ class ChatEngine:
         self.messages.append({"role": "user", "content": user_text})
         self._claim()
         prompt = self._fit_context()
-        self.module.before_reply(self.chat_messages())
+        self._read(self.chat_messages())
         tokens: list[int] = []
         try:
             yield from self._generate(prompt, self.config.decoding, should_stop, tokens)
@@ -170,9 +171,10 @@ class ChatEngine:
         prompt = self._drop_oldest(msgs, len(system), decoding.max_tokens, keep=2)
         if memory:
             self._claim()
-            self.module.before_reply(msgs)
+            self._read(msgs)
         else:
             self.backend.remove_hook()
+            self._read_seconds = 0.0
         if fresh_cache:
             self.backend.reset_session()
         tokens: list[int] = []
@@ -203,11 +205,18 @@ class ChatEngine:
             held.finish_reason = self.backend.last_stats.finish_reason
             yield held
 
+    def _read(self, messages: list[Message]) -> None:
+        """The module's look at the chat before a reply (what it reads); its time counts toward the
+        reply's time to first token, since the user waits for it."""
+        start = time.perf_counter()
+        self.module.before_reply(messages)
+        self._read_seconds = time.perf_counter() - start
+
     def _turn_result(self, user_text: str, tokens: list[int]) -> TurnResult:
         stats = self.backend.last_stats
         return TurnResult(user_text, self.backend.formatter.decode(tokens).strip(), stats.generated_tokens,
-                          stats.tokens_per_second, stats.time_to_first_token, stats.finish_reason,
-                          tokens=list(tokens))
+                          stats.tokens_per_second, stats.time_to_first_token + self._read_seconds,
+                          stats.finish_reason, tokens=list(tokens))
 
     def ask(self, user_text: str) -> TurnResult:
         """Reply to `user_text` and wait for the memory update that follows it."""
