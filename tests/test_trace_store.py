@@ -1,0 +1,221 @@
+"""trace_bank's store on the tiny random models: what is stored (questions never, each sentence its own
+trace), eviction and the byte budget (never silent), restatements, supersession kept as history,
+format-1 files upgraded, and the items a person can list, export and forget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from trace_bank_helpers import BACKENDS, FACT, OTHER, bank, engine, reply, teach
+
+from lmm.backends import DecodingConfig
+from lmm.engine import ChatEngine, EngineConfig
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_questions_are_never_stored_and_each_sentence_is_its_own_trace(name: str, tiny_backend) -> None:
+    be = tiny_backend(name)
+    eng = engine(be)
+    try:
+        for text in ("What is the capital of France?", "Where do I live?", f"{OTHER} What is my name? {FACT}"):
+            teach(eng, text)
+        assert [bank(eng)._text(t) for t in bank(eng).traces] == [OTHER, FACT]
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_eviction_bounds_the_count_and_keeps_recently_retrieved_traces(name: str,
+                                                                      tiny_backend) -> None:
+    be = tiny_backend(name)
+    eng = engine(be, max_traces=2, threshold=0.99, sentence_threshold=0.99)
+    try:
+        teach(eng, FACT)
+        teach(eng, OTHER)
+        reply(eng, FACT)  # retrieves FACT's trace: it is now the most recently used
+        teach(eng, "I work as a baker in Lyon.")
+        texts = [bank(eng)._text(t) for t in bank(eng).traces]
+        assert len(texts) == 2
+        assert any(FACT in t for t in texts) and not any(OTHER in t for t in texts)
+        for i in range(5):
+            teach(eng, f"My locker number is {100 + 37 * i} and I use it on Mondays.")
+            assert len(bank(eng).traces) <= 2
+    finally:
+        eng.close()
+
+
+def test_nothing_is_dropped_silently(tiny_backend) -> None:
+    """The default keeps far more than the old 256-trace bound; a byte budget drops the least recently
+    read traces and the engine says which (the positive control that dropping does happen)."""
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, dedupe=1.0)  # only a restatement replaces
+    try:
+        for i in range(260):
+            teach(eng, f"My locker number {i} is at gate {i * 7 + 3}.")
+        assert len(bank(eng).traces) == 260 and bank(eng).summary()["full"].endswith("%")
+    finally:
+        eng.close()
+    one = None
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99)
+    notices: list[str] = []
+    eng.set_notice(notices.append)
+    try:
+        eng.ask(FACT)
+        one = bank(eng).stored_bytes()
+    finally:
+        eng.close()
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, max_bytes=int(one * 2.5))
+    eng.set_notice(notices.append)
+    try:
+        for text in (FACT, OTHER):
+            eng.ask(text)
+        assert not notices
+        update = eng.ask("I work as a baker in Lyon.").update
+        assert len(bank(eng).traces) == 2 and update.dropped and FACT.split()[0] in update.dropped[0]
+        assert notices and notices[-1].startswith("memory full: dropped 1 least recently read item")
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_repeated_statement_replaces_its_trace(name: str, tiny_backend) -> None:
+    be = tiny_backend(name)
+    eng = engine(be)
+    try:
+        teach(eng, FACT)
+        teach(eng, OTHER)
+        teach(eng, FACT)
+        assert len(bank(eng).traces) == 2
+        assert FACT in bank(eng)._text(bank(eng).traces[-1])  # the newest copy is kept
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("supersede", [0.0, 1.0])
+def test_a_newer_statement_supersedes_the_older_which_stays_as_history(supersede: float, tiny_backend,
+                                                                       tmp_path: Path) -> None:
+    """supersede=0: every new statement replaces the current ones (the older is kept, listed as
+    replaced, never read, and current again when the newer is forgotten); supersede=1: none does
+    (the positive control that reading both is what happens otherwise)."""
+    from lmm.commands import run_command
+    from lmm.session import ChatSession
+
+    be = tiny_backend("torch")
+    eng = engine(be, relevance=-100.0, margin_weight=1.0, supersede=supersede, supersede_sentence=supersede,
+                 dedupe=1.0, read_spread=100.0)
+    try:
+        teach(eng, "My favourite colour is teal.")
+        teach(eng, "My favourite colour is now orange.")
+        items = eng.memory_items()
+        assert len(items) == 2 and items[1].replaced_by is None
+        assert items[0].replaced_by == (2 if supersede == 0.0 else None)
+        reply(eng, "What is my favourite colour?")
+        assert len(bank(eng).last_route["traces"]) == (1 if supersede == 0.0 else 2)
+        listing = run_command(ChatSession(eng), "/memory list").text
+        assert ("(replaced by 2)" in listing) == (supersede == 0.0)
+        path = eng.save_memory(tmp_path / "m.safetensors")
+        other = engine(be, supersede=supersede)
+        other.load_memory(path)
+        assert [i.replaced_by for i in other.memory_items()] == [i.replaced_by for i in items]
+        other.close()
+        eng.forget_item(2)
+        assert eng.memory_items()[0].replaced_by is None and len(bank(eng).select("my colour")) == 1
+    finally:
+        eng.close()
+
+
+def test_format_1_state_loads_and_upgrades(tiny_backend, tmp_path: Path) -> None:
+    """A file of the first trace format (keys/values of every layer, first-person gate options) loads:
+    its statements, routing and dates are kept, the keys/values dropped, the options upgraded."""
+    import json
+
+    from lmm.state import read_state, save_state
+
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99)
+    try:
+        for text in (FACT, OTHER):
+            teach(eng, text)
+        path = eng.save_memory(tmp_path / "new.safetensors")
+        header, tensors = read_state(path)
+        n, lens = 2, tensors["buffer.trace_tokens"]
+        old = {k: v for k, v in tensors.items() if k not in ("buffer.trace_format", "buffer.replaced_by",
+                                                              "buffer.said_at")}
+        old["buffer.keys"] = np.zeros((3, 2, int(lens.sum()), 4), dtype=np.float16)
+        old["buffer.values"] = old["buffer.keys"].copy()
+        old["buffer.starts"] = np.full(n, 5, dtype=np.int32)
+        config = json.loads(header.config)
+        config.pop("read_role")
+        config.update(scaffold=False, read_gate=True, write_gate=True)
+        header.config = json.dumps(config)
+        save_state(tmp_path / "old.safetensors", header, old)
+        other = engine(be)
+        other.load_memory(tmp_path / "old.safetensors")
+        assert [i.text for i in other.memory_items()] == [FACT, OTHER]
+        assert all(i.said_at is None and i.replaced_by is None for i in other.memory_items())
+        assert other.module.config.write_gate == "model" and not hasattr(other.module.config, "scaffold")
+        reply(other, FACT)
+        assert bank(other).last_route["traces"] == [FACT]
+        tensors = other.module.state_tensors()
+        assert "buffer.keys" not in tensors and int(tensors["buffer.trace_format"][0]) == 2
+        other.close()
+        bad = dict(old, **{"buffer.trace_format": np.asarray([9], dtype=np.int32)})
+        save_state(tmp_path / "future.safetensors", header, bad)
+        with pytest.raises(ValueError, match="trace format 9"):
+            other = engine(be)
+            try:
+                other.load_memory(tmp_path / "future.safetensors")
+            finally:
+                other.close()
+    finally:
+        eng.close()
+
+
+def test_items_can_be_listed_exported_and_forgotten_one_by_one(tiny_backend, tmp_path: Path) -> None:
+    """/memory list, /forget N and /memory export on the stored statements; the rest stays and reads."""
+    import json
+
+    from lmm.commands import run_command
+    from lmm.session import ChatSession
+
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, dedupe=1.0)
+    session = ChatSession(eng)
+    try:
+        for text in (FACT, OTHER, "I work as a baker in Lyon."):
+            eng.ask(text)
+        listing = run_command(session, "/memory list").text
+        assert listing.startswith("3 items, oldest first") and "1  " in listing and "baker" in listing.splitlines()[3]
+        assert "3 (/memory list shows them" in dict(run_command(session, "/memory").rows or [])["items"]
+        assert run_command(session, "/forget 2").text.startswith("forgot item 2: ") and len(bank(eng).traces) == 2
+        assert [item.text for item in eng.memory_items()] == [bank(eng)._text(t) for t in bank(eng).traces]
+        assert not any(OTHER.split()[1] in item.text for item in eng.memory_items())
+        assert run_command(session, "/forget 9").error
+        doc = json.loads(eng.export_memory(tmp_path / "mem.json").read_text())
+        assert [i["number"] for i in doc["items"]] == [1, 2] and doc["module"] == "trace_bank"
+        assert all(i["said_at"] and i["said_at"].startswith("20") for i in doc["items"])
+        # the kept statements survive a save and load, with when they were said
+        path = eng.save_memory(tmp_path / "m.safetensors")
+        other = engine(be)
+        other.load_memory(path)
+        assert [i.text for i in other.memory_items()] == [i.text for i in eng.memory_items()]
+        assert [i.said_at for i in other.memory_items()] == [i.said_at for i in eng.memory_items()]
+        other.close()
+    finally:
+        eng.close()
+
+
+def test_weight_modules_say_they_keep_no_items(tiny_backend) -> None:
+    from lmm.commands import run_command
+    from lmm.session import ChatSession
+
+    eng = ChatEngine(EngineConfig(memory="lora_on_user", activation_log_path=None, background_updates=False,
+                                  decoding=DecodingConfig(max_tokens=4)), backend=tiny_backend("torch"))
+    try:
+        session = ChatSession(eng)
+        assert "holds no separate items" in run_command(session, "/memory list").text
+        assert "keeps no separate items" in run_command(session, "/forget 1").text
+    finally:
+        eng.close()
