@@ -23,7 +23,6 @@ defaults were chosen, with the development-set figures: `docs/trace_bank.md`.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,9 +37,9 @@ from lmm.memory.traces import (
     OPTIONAL_KEYS,
     RETIRED_KEYS,
     TRACE_KEYS,
+    Lru,
     Trace,
     late_interaction,
-    normalize,
     pack_traces,
     unpack_traces,
 )
@@ -123,10 +122,9 @@ class TraceBank(TraceRouting, DirectMemory):
         self.clock = 0
         self._uids = 0
         self._index: tuple[np.ndarray, np.ndarray] | None = None  # normalised routing states, segment starts
-        self._extras: OrderedDict[tuple[int, ...], ExtraKV] = OrderedDict()
-        self._queries: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._scored: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self.last_relevance: dict[str, float] = {}
+        self._extras: Lru[tuple[int, ...], ExtraKV] = Lru(8)  # read blocks of the last selections
+        self._queries: Lru[str, tuple[np.ndarray, np.ndarray]] = Lru(32)
+        self._logprobs: Lru[str, np.ndarray] = Lru(32)
         self._generic: np.ndarray | None = None  # normalised centred routing states of CALIBRATION
         self._sentence_center: np.ndarray | None = None  # mean whole-turn state of CALIBRATION
         self._sentences: np.ndarray | None = None  # normalised centred trace sentence states
@@ -140,9 +138,18 @@ class TraceBank(TraceRouting, DirectMemory):
                             ("sentence_layer", self.sentence_layer)):
             if not 0 <= value < n:
                 raise ValueError(f"trace_bank {what} {value} is out of range for {n} layers")
-        self._extras.clear()
-        self._queries.clear()
-        self._generic = self._sentence_center = self._sentences = None
+        self._model_changed()
+
+    def _model_changed(self) -> None:
+        """Drop everything computed by the model (a new model, or a new memory for it)."""
+        for cache in (self._extras, self._queries, self._logprobs):
+            cache.clear()
+        self._generic = self._sentence_center = None
+        self._traces_changed()
+
+    def _traces_changed(self) -> None:
+        """Drop the routing index built from the traces (added, dropped or loaded)."""
+        self._index = self._sentences = None
 
     def _or_hooked(self, layer: int) -> int:
         """A configured layer, or the hooked one for -1."""
@@ -192,9 +199,9 @@ class TraceBank(TraceRouting, DirectMemory):
                           route=route, sentence=sentence, written=self.clock, used=self.clock,
                           said_at=time.time()).stored_as(self.cfg.dtype)
             self.clock += 1
-            verb = self._place(trace, route, sentence)
+            query = self._remember_query(part, route, sentence)  # asking the statement back routes at once
+            verb = self._place(trace, *query)
             result.dropped += self._add(trace)
-            self._remember_query(part, route, sentence)  # asking the statement back routes at once
             result.stored.append(part)
             notes.append(f"{verb}: {part}")
         if not result.stored and not notes:
@@ -205,13 +212,13 @@ class TraceBank(TraceRouting, DirectMemory):
         result.note = "; ".join(notes)
         return result
 
-    def _place(self, trace: Trace, route: np.ndarray, sentence: np.ndarray) -> str:
-        """Relate a new trace to the current ones before it is added: a restatement overwrites its
-        twin; a statement about the same thing supersedes the older ones (kept as history)."""
+    def _place(self, trace: Trace, query: np.ndarray, whole: np.ndarray) -> str:
+        """Relate a new trace (its normalised routing and sentence states) to the current ones before
+        it is added: a restatement overwrites its twin; a statement about the same thing supersedes
+        the older ones (kept as history)."""
         live = [i for i, t in enumerate(self.traces) if t.current]
         if not live:
             return "stored"
-        query, whole = normalize(route - self._ensure_center()), normalize(sentence - self._ensure_sentence_center())
         tokens, sentences_ = self._score_states(query, whole)
         states, starts = self._routing_index()
         best = max(live, key=lambda i: float(tokens[i]))
@@ -219,15 +226,13 @@ class TraceBank(TraceRouting, DirectMemory):
         back = float(late_interaction(old, query, np.zeros(1, dtype=np.int64))[0])
         if min(float(late_interaction(query, old, np.zeros(1, dtype=np.int64))[0]), back) >= self.cfg.dedupe:
             gone = self.traces.pop(best)
-            self._extras.clear()
-            self._index = self._sentences = None
+            self._traces_changed()
             trace.used = max(trace.used, gone.used)
             return "restated"
         stale = [i for i in live if tokens[i] >= self.cfg.supersede and sentences_[i] >= self.cfg.supersede_sentence]
-        for i in stale:
+        for i in stale:  # superseded traces score -inf from now on (`scores`); nothing cached reads them
             self.traces[i].replaced_by = trace.written
         if stale:
-            self._extras.clear()
             return "stored (replacing: " + "; ".join(self._text(self.traces[i]) for i in stale) + ")"
         return "stored"
 
@@ -245,7 +250,7 @@ class TraceBank(TraceRouting, DirectMemory):
             gone = self.traces.pop(victim)
             total -= _trace_bytes(gone)
             dropped.append(self._text(gone))
-        self._index = self._sentences = None
+        self._traces_changed()
         return dropped
 
     def items(self) -> list[MemoryItem]:
@@ -262,8 +267,7 @@ class TraceBank(TraceRouting, DirectMemory):
         for other in self.traces:  # what it had replaced is current again only if nothing newer did
             if other.replaced_by == trace.written:
                 other.replaced_by = -1
-        self._extras.clear()
-        self._index = self._sentences = None
+        self._traces_changed()
         if self.model is not None:
             self.model.read(None)
         return self._text(trace)
@@ -282,8 +286,8 @@ class TraceBank(TraceRouting, DirectMemory):
         self._select(users[-1].strip() if users else None, count_use=True)
 
     def _select(self, text: str | None, count_use: bool = False) -> None:
-        chosen = self.select(text) if text else []
-        self.last_route = {"query": text, "retrieved": bool(chosen), "relevance": self.last_relevance,
+        chosen, relevance = self.route(text) if text else ([], {})
+        self.last_route = {"query": text, "retrieved": bool(chosen), "relevance": relevance,
                            "traces": [self._text(self.traces[i]) for i in chosen]}
         if not chosen:
             self._model.read(None)
@@ -300,7 +304,6 @@ class TraceBank(TraceRouting, DirectMemory):
         key = tuple(t.uid for t in chosen)
         extra = self._extras.get(key)
         if extra is not None:
-            self._extras.move_to_end(key)
             return extra
         ids, start, content = self._turn(" ".join(self._text(t) for t in chosen))
         if self.cfg.read_role and content:
@@ -317,11 +320,7 @@ class TraceBank(TraceRouting, DirectMemory):
             k, v = (self.ops.to_numpy(x)[0][:, keep] for x in cap.kv[layer])
             layers[layer] = (self.ops.asarray(np.tile(k, (1, gain, 1))[None], dtype="float32"),
                              self.ops.asarray(np.tile(v, (1, gain, 1))[None], dtype="float32"))
-        extra = ExtraKV(key=(id(self), key), layers=layers, visible_from=start)
-        self._extras[key] = extra
-        while len(self._extras) > 8:
-            self._extras.popitem(last=False)
-        return extra
+        return self._extras.put(key, ExtraKV(key=(id(self), key), layers=layers, visible_from=start))
 
     def reset_session(self) -> None:
         if self.model is not None:
@@ -376,10 +375,7 @@ class TraceBank(TraceRouting, DirectMemory):
             self.traces.append(trace)
         self.center = None if center is None else np.asarray(center, dtype=np.float32)
         self.clock = max(int(tensors["buffer.clock"][0]), max((t.written + 1 for t in traces), default=0))
-        self._index = self._sentences = None
-        self._generic = None
-        self._extras.clear()
-        self._queries.clear()
+        self._model_changed()  # the loaded centre changes every encoded message
 
 
 def _trace_bytes(trace: Trace) -> int:

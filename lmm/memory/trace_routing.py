@@ -13,13 +13,12 @@ the store, writing and reading; it holds no state of its own beyond caches.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lmm.memory.trace_gate import INFORM, OTHER, Probe, fit_probe, sentences
-from lmm.memory.traces import CALIBRATION, Trace, late_interaction, normalize
+from lmm.memory.traces import CALIBRATION, Lru, Trace, late_interaction, normalize
 from lmm.ops import Array, Ops
 from lmm.types import Captured, ModelView
 
@@ -38,12 +37,11 @@ class TraceRouting:
     routing: int
     sentence_layer: int
     _index: tuple[np.ndarray, np.ndarray] | None
-    _queries: OrderedDict[str, tuple[np.ndarray, np.ndarray]]
-    _scored: OrderedDict[tuple[str, str], np.ndarray]
+    _queries: Lru[str, tuple[np.ndarray, np.ndarray]]
+    _logprobs: Lru[str, np.ndarray]
     _generic: np.ndarray | None
     _sentence_center: np.ndarray | None
     _sentences: np.ndarray | None
-    last_relevance: dict[str, float]
 
     def _text(self, trace: Trace) -> str:
         raise NotImplementedError
@@ -124,16 +122,11 @@ class TraceRouting:
         if cached is None:
             ids, start, content = self._turn(text)
             cached = self._remember_query(text, *self._encode(ids, start, content)[:2])
-        else:
-            self._queries.move_to_end(text)
         return cached
 
     def _remember_query(self, text: str, route: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cached = (normalize(route - self._ensure_center()), normalize(sentence - self._ensure_sentence_center()))
-        self._queries[text] = cached
-        while len(self._queries) > 32:
-            self._queries.popitem(last=False)
-        return cached
+        return self._queries.put(text, (normalize(route - self._ensure_center()),
+                                        normalize(sentence - self._ensure_sentence_center())))
 
     def _sentence_index(self) -> np.ndarray:
         if self._sentences is None:
@@ -175,19 +168,21 @@ class TraceRouting:
 
     # --- second stage ---------------------------------------------------------------------------------
     def select(self, text: str) -> list[int]:
-        """Indices of the traces a reply to `text` reads, oldest first. First stage: every current trace
-        ranked by its routing margin; second stage: the best `candidates` checked by the frozen model
-        (`relevance`, plus `margin_weight` times the margin); read: the most relevant past the
-        `relevance` threshold, and the next within `read_spread` of it, at most `max_read` and
+        """Indices of the traces a reply to `text` reads, oldest first (see `route`)."""
+        return self.route(text)[0]
+
+    def route(self, text: str) -> tuple[list[int], dict[str, float]]:
+        """The traces a reply to `text` reads, oldest first, and each candidate's relevance. First stage:
+        every current trace ranked by its routing margin; second stage: the best `candidates` checked by
+        the frozen model (`relevance`, plus `margin_weight` times the margin); read: the most relevant
+        past the `relevance` threshold, and the next within `read_spread` of it, at most `max_read` and
         `read_budget` tokens."""
-        self.last_relevance = {}
         if not text or not self.traces:
-            return []
+            return [], {}
         margin = self.margins(text)
         first = [int(i) for i in np.argsort(-margin, kind="stable")[: self.cfg.candidates] if np.isfinite(margin[i])]
         gains = {i: self.relevance(self.traces[i], text) + self.cfg.margin_weight * float(margin[i]) for i in first}
         order = sorted((i for i in first if gains[i] >= self.cfg.relevance), key=lambda i: -gains[i])
-        self.last_relevance = {self._text(self.traces[i]): round(gains[i], 3) for i in first}
         chosen: list[int] = []
         budget = self.cfg.read_budget
         for i in order[: self.cfg.max_read]:
@@ -196,7 +191,8 @@ class TraceRouting:
                 break
             chosen.append(i)
             budget -= n
-        return sorted(chosen, key=lambda i: self.traces[i].written)
+        return (sorted(chosen, key=lambda i: self.traces[i].written),
+                {self._text(self.traces[i]): round(gains[i], 3) for i in first})
 
     def relevance(self, trace: Trace, text: str) -> float:
         """How much the statement makes the message likelier: the mean gain in log-probability of the
@@ -209,13 +205,10 @@ class TraceRouting:
         return float(np.mean(after - alone))
 
     def _message_logprobs(self, text: str) -> np.ndarray:
-        key = ("logprobs", text)
-        cached = self._scored.get(key)
+        cached = self._logprobs.get(text)
         if cached is None:
             ids, _, content = self._turn(text)
             content = content[-self.cfg.max_trace_tokens:] or [len(ids) - 1]
-            cached = self._model.token_logprobs(ids[: content[-1] + 1])[np.asarray(content) - 1]
-            self._scored[key] = cached
-            while len(self._scored) > 32:
-                self._scored.popitem(last=False)
+            scored = self._model.token_logprobs(ids[: content[-1] + 1])
+            cached = self._logprobs.put(text, scored[np.asarray(content) - 1])
         return cached

@@ -8,7 +8,9 @@ code: encoding text, routing decisions and reading traces live in `trace_bank`.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -85,6 +87,33 @@ def dequantize(x: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     if scale is None:
         return np.asarray(x, dtype=np.float32)
     return x.astype(np.float32) * scale[..., None]
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Lru(Generic[K, V]):
+    """A small least-recently-used cache (encoded messages, their log-probabilities, read blocks)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._items = size, OrderedDict[K, V]()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> V:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 def late_interaction(query: np.ndarray, keys: np.ndarray, starts: np.ndarray,
