@@ -16,9 +16,12 @@ The protocol is described in `lmm.bench.runner`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lmm.backends import BackendError
 from lmm.bench.engines import parse_module_options
@@ -74,58 +77,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _modules(args: argparse.Namespace, default: list[str] | None) -> list[str] | None:
+    return [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else default
+
+
+def _progress(args: argparse.Namespace) -> tuple[Callable[[str], None], Callable[[], None]]:
+    """A one-line progress printer on stderr (silent with --no-progress), and its end."""
+    done = [0]
+
+    def advance(desc: str) -> None:
+        done[0] += 1
+        if not args.no_progress:
+            print(f"\r[{done[0]}] {desc[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+    def finish() -> None:
+        if not args.no_progress:
+            print(file=sys.stderr)
+
+    return advance, finish
+
+
+def _save_json(args: argparse.Namespace, kind: str, backend: str, results: dict[str, Any]) -> Path:
+    """`<out>/<kind>_<backend>_<time>.json`, in the recall benchmark's output folder."""
+    out = BenchConfig(out=args.out).out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{kind}_{backend}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
 def run_scale_cli(args: argparse.Namespace) -> int:
     """--scale: one growing memory; prints the table, writes JSON and a PNG."""
-    import json
-
     from lmm.bench.engines import check_module_options, load_shared_backend
     from lmm.bench.scale import format_scale, plot_scale, run_scale
-    from lmm.models import artifacts_dir
 
     try:
         sizes = [int(x) for x in args.scale.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--scale expects comma-separated counts, got {args.scale!r}") from None
-    module = args.modules.split(",")[0].strip() if args.modules else "trace_bank"
+    module = _modules(args, ["trace_bank"])[0]  # type: ignore[index]
     options = parse_module_options(args.mm_opt, scoped=True).get(module, {})  # type: ignore[union-attr]
     check_module_options(module, options)  # type: ignore[arg-type]
     backend = load_shared_backend(args.backend, args.model, threads=args.threads)
-
-    def advance(desc: str) -> None:
-        if not args.no_progress:
-            print(f"\r{desc[:76]:<76}", end="", file=sys.stderr, flush=True)
-
+    advance, finish = _progress(args)
     start = time.perf_counter()
     results = run_scale(backend, module, options, sizes, answer_tokens=args.max_tokens,  # type: ignore[arg-type]
                         seed=args.seed, advance=advance)
-    if not args.no_progress:
-        print(file=sys.stderr)
+    finish()
     results.update(command=" ".join(sys.argv), backend=backend.name, model_id=backend.model_id,
                    wall_seconds=time.perf_counter() - start)
-    out = Path(args.out) if args.out is not None else artifacts_dir() / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"scale_{backend.name}_{time.strftime('%Y%m%d_%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    plot_scale(results, stem.with_suffix(".png"))
+    path = _save_json(args, "scale", backend.name, results)
+    plot_scale(results, path.with_suffix(".png"))
     print(format_scale(results))
-    print(f"wall time {results['wall_seconds']:.0f} s; JSON {stem.with_suffix('.json')}; "
-          f"chart {stem.with_suffix('.png')}")
+    print(f"wall time {results['wall_seconds']:.0f} s; JSON {path}; chart {path.with_suffix('.png')}")
     return 0
 
 
 def run_abilities(args: argparse.Namespace) -> int:
     """--abilities / --locomo: the ability rows on one loaded backend; prints the table, writes JSON."""
-    import json
-
     from lmm.bench.abilities import AbilityConfig, AbilityRun, format_table, load_cases, run_abilities
     from lmm.bench.engines import check_module_options, load_shared_backend
     from lmm.bench.locomo import load_locomo
     from lmm.bench.scenarios import load_distractors
-    from lmm.models import artifacts_dir
 
     options = parse_module_options(args.mm_opt, scoped=True)
-    modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else ["trace_bank"]
-    for module in modules:
+    modules = _modules(args, ["trace_bank"])
+    for module in modules:  # type: ignore[union-attr]
         check_module_options(module, options.get(module, {}))  # type: ignore[arg-type]
     conversation = None
     if args.locomo is not None:
@@ -140,46 +157,52 @@ def run_abilities(args: argparse.Namespace) -> int:
                            references=not args.no_references, answer_tokens=args.max_tokens,
                            reply_tokens=args.reply_tokens, seed=args.seed, repetition_penalty=args.repetition_penalty)
     backend = load_shared_backend(args.backend, args.model, threads=args.threads)
-    done = [0]
-
-    def advance(desc: str) -> None:
-        done[0] += 1
-        if not args.no_progress:
-            print(f"\r[{done[0]}] {desc[:70]:<70}", end="", file=sys.stderr, flush=True)
-
+    advance, finish = _progress(args)
     run = AbilityRun(backend, config, advance)
     try:
         results = run_abilities(run, cases, unrelated, conversation)
     finally:
         run.close()
-    if not args.no_progress:
-        print(file=sys.stderr)
+    finish()
     results.update(command=" ".join(sys.argv), backend=backend.name, model_id=backend.model_id,
                    source=str(args.locomo or args.abilities), speaker=args.speaker if args.locomo else None)
-    out = Path(args.out) if args.out is not None else artifacts_dir() / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "locomo" if args.locomo else "abilities"
-    path = out / f"{kind}_{backend.name}_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    path = _save_json(args, "locomo" if args.locomo else "abilities", backend.name, results)
     print(format_table(results))
     print(f"wall time {results['wall_seconds']:.0f} s; JSON {path}")
+    return 0
+
+
+def run_recall(args: argparse.Namespace) -> int:
+    """The default: recall, locality, fluency and speed per module (`lmm.bench.runner`)."""
+    from lmm.bench.report import print_table, write_outputs
+    from lmm.bench.runner import run_benchmark
+
+    config = BenchConfig(
+        backend=args.backend, model=args.model, modules=_modules(args, None), scenarios=args.scenarios,
+        probes=args.probes, distractors=args.distractors, limit=args.limit,
+        module_options=parse_module_options(args.mm_opt, scoped=True),  # type: ignore[arg-type]
+        out=args.out, answer_tokens=args.max_tokens, reply_tokens=args.reply_tokens, seed=args.seed,
+        references=not args.no_references, lifelong=args.lifelong, sessions=args.sessions, layer=args.layer,
+        threads=args.threads, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
+    )
+    start = time.perf_counter()
+    results = run_benchmark(config, progress=not args.no_progress)
+    paths = write_outputs(results, config.out_dir())
+    print_table(results)
+    print(f"wall time {time.perf_counter() - start:.0f} s (model load included); "
+          f"JSON {paths['json']} (+ {paths['latest_json'].name}); chart {paths['png']}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.scale is not None:
-        try:
-            return run_scale_cli(args)
-        except (ValueError, OSError, ModelError, BackendError) as exc:
-            print(f"lmm.bench: error: {exc}", file=sys.stderr)
-            return 2
-    if args.abilities is not None or args.locomo is not None:
-        try:
-            return run_abilities(args)
-        except (ValueError, OSError, ModelError, BackendError) as exc:
-            print(f"lmm.bench: error: {exc}", file=sys.stderr)
-            return 2
+        run = run_scale_cli
+    elif args.abilities is not None or args.locomo is not None:
+        run = run_abilities
+    else:
+        run = run_recall
     try:
         if args.max_tokens < 1 or args.reply_tokens < 1:
             raise ValueError("--max-tokens and --reply-tokens must be >= 1")
@@ -187,29 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--threads must be >= 0")
         if args.limit is not None and args.limit < 1:
             raise ValueError("--limit must be >= 1")
-        modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
-        config = BenchConfig(
-            backend=args.backend, model=args.model, modules=modules, scenarios=args.scenarios,
-            probes=args.probes, distractors=args.distractors, limit=args.limit,
-            module_options=parse_module_options(args.mm_opt, scoped=True),  # type: ignore[arg-type]
-            out=args.out, answer_tokens=args.max_tokens, reply_tokens=args.reply_tokens, seed=args.seed,
-            references=not args.no_references, lifelong=args.lifelong, sessions=args.sessions, layer=args.layer,
-            threads=args.threads, repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram=args.no_repeat_ngram,
-        )
-        from lmm.bench.report import print_table, write_outputs
-        from lmm.bench.runner import run_benchmark
-
-        start = time.perf_counter()
-        results = run_benchmark(config, progress=not args.no_progress)
+        return run(args)
     except (ValueError, OSError, ModelError, BackendError) as exc:
         print(f"lmm.bench: error: {exc}", file=sys.stderr)
         return 2
-    paths = write_outputs(results, config.out_dir())
-    print_table(results)
-    print(f"wall time {time.perf_counter() - start:.0f} s (model load included); "
-          f"JSON {paths['json']} (+ {paths['latest_json'].name}); chart {paths['png']}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -278,8 +278,8 @@ def run_abilities(run: AbilityRun, cases: Sequence[Case], unrelated: Sequence[st
 
 def format_table(results: dict[str, Any]) -> str:
     """One line per row and mode: passes per ability, identity confusion, unrelated prompts untouched."""
-    abilities = sorted({r["ability"] for row in results["rows"] for mode in ("separate", "crowded")
-                        for r in (row.get(mode) if mode == "separate" else (row.get(mode) or {}).get("cases")) or []})
+    abilities = sorted({a for row in results["rows"] for mode in ("separate", "crowded")
+                        for a in row.get(f"{mode}_summary", {}).get("abilities", {})})
     head = ["row", "memory", *abilities, "all", "identity taken", "degenerate", "unrelated untouched",
             "write med s", "state"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
