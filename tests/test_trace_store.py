@@ -1,6 +1,6 @@
 """trace_bank's store on the tiny random models: what is stored (questions never, each sentence its own
-trace), eviction and the byte budget (never silent), restatements, supersession kept as history,
-format-1 files upgraded, and the items a person can list, export and forget."""
+trace), eviction and the byte budget (never silent), restatements, corrections (per reply, or kept as
+history when writing), format-1 files upgraded, and the items a person can list, export and forget."""
 
 from __future__ import annotations
 
@@ -94,17 +94,17 @@ def test_a_repeated_statement_replaces_its_trace(name: str, tiny_backend) -> Non
 
 
 @pytest.mark.parametrize("supersede", [0.0, 1.0])
-def test_a_newer_statement_supersedes_the_older_which_stays_as_history(supersede: float, tiny_backend,
-                                                                       tmp_path: Path) -> None:
-    """supersede=0: every new statement replaces the current ones (the older is kept, listed as
-    replaced, never read, and current again when the newer is forgotten); supersede=1: none does
-    (the positive control that reading both is what happens otherwise)."""
+def test_a_correction_decided_when_writing_keeps_the_older_as_history(supersede: float, tiny_backend,
+                                                                      tmp_path: Path) -> None:
+    """supersede_on_write with supersede=0: every new statement replaces the current ones (the older is
+    kept, listed as replaced, never read, and current again when the newer is forgotten); supersede=1:
+    none does (the positive control that reading both is what happens otherwise)."""
     from lmm.commands import run_command
     from lmm.session import ChatSession
 
     be = tiny_backend("torch")
-    eng = engine(be, relevance=-100.0, margin_weight=1.0, supersede=supersede, supersede_sentence=supersede,
-                 dedupe=1.0, read_spread=100.0)
+    options = {"supersede": supersede, "supersede_sentence": supersede, "supersede_on_write": True}
+    eng = engine(be, relevance=-100.0, margin_weight=1.0, dedupe=1.0, read_spread=100.0, **options)
     try:
         teach(eng, "My favourite colour is teal.")
         teach(eng, "My favourite colour is now orange.")
@@ -116,7 +116,7 @@ def test_a_newer_statement_supersedes_the_older_which_stays_as_history(supersede
         listing = run_command(ChatSession(eng), "/memory list").text
         assert ("(replaced by 2)" in listing) == (supersede == 0.0)
         path = eng.save_memory(tmp_path / "m.safetensors")
-        other = engine(be, supersede=supersede)
+        other = engine(be, **options)
         other.load_memory(path)
         assert [i.replaced_by for i in other.memory_items()] == [i.replaced_by for i in items]
         other.close()
@@ -124,6 +124,29 @@ def test_a_newer_statement_supersedes_the_older_which_stays_as_history(supersede
         assert eng.memory_items()[0].replaced_by is None and len(bank(eng).select("my colour")) == 1
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_reply_reads_the_newer_of_two_statements_about_its_subject(name: str, tiny_backend) -> None:
+    """By default a correction is decided per message among the statements it reads: the older is left
+    out when a newer one said in another message is as relevant and about the same thing; both stay
+    stored and listed. Controls: the same two sentences in one message, and supersede=1, read both."""
+    be = tiny_backend(name)
+    both = {"relevance": -100.0, "margin_weight": 1.0, "dedupe": 1.0, "read_spread": 100.0, "supersede_gap": 1e9}
+    older, newer = "My favourite colour is teal.", "My favourite colour is now orange."
+    for options, messages, read in (({"supersede": 0.0, "supersede_sentence": 0.0}, [older, newer], [newer]),
+                                    ({"supersede": 0.0, "supersede_sentence": 0.0}, [f"{older} {newer}"],
+                                     [older, newer]),
+                                    ({"supersede": 1.0, "supersede_sentence": 1.0}, [older, newer], [older, newer])):
+        eng = engine(be, **both, **options)
+        try:
+            for text in messages:
+                teach(eng, text)
+            reply(eng, "What is my favourite colour?")
+            assert bank(eng).last_route["traces"] == read
+            assert [i.replaced_by for i in eng.memory_items()] == [None, None]
+        finally:
+            eng.close()
 
 
 def test_format_1_state_loads_and_upgrades(tiny_backend, tmp_path: Path) -> None:

@@ -67,9 +67,11 @@ class TraceBankConfig(MemoryConfig):
     read_role: bool = True  # read the whole user turn placed before the chat (False: the words, at its start)
     write_gate: str = "model"  # model: sentences the probe says inform; all: every sentence but questions
     gate_bias: float = 0.0  # probe score a sentence needs (0: halfway between the examples' classes)
-    supersede: float = 0.55  # a new statement scoring >= this against an older one as a query (token level) ...
-    supersede_sentence: float = 0.72  # ... and >= this whole-turn cosine replaces it (kept as history)
-    dedupe: float = 0.9  # a new statement matching a stored one both ways at >= this overwrites it
+    supersede: float = 0.45  # of two statements one reply reads, a newer scoring >= this against the older ...
+    supersede_sentence: float = 0.50  # ... and >= this whole-turn cosine leaves the older out (a correction)
+    supersede_gap: float = 0.35  # ... and the newer's relevance is at least the older's minus this
+    supersede_on_write: bool = False  # True: also decide that when writing, keeping the older as history only
+    dedupe: float = 0.98  # a new statement matching a stored one both ways at >= this overwrites it
     max_traces: int = 100_000  # past this many, the least recently read traces are dropped (with a notice)
     max_bytes: int = 1 << 30  # the memory's budget for trace data; past it, the same (and the notice says so)
     max_trace_tokens: int = 96  # longer sentences are not stored
@@ -96,8 +98,9 @@ class TraceBankConfig(MemoryConfig):
                           ("max_traces", 1), ("max_bytes", 1), ("max_trace_tokens", 4)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.read_spread < 0:
-            raise ValueError(f"read_spread must be >= 0, got {self.read_spread}")
+        for name in ("read_spread", "supersede_gap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.write_gate not in ("model", "all"):
             raise ValueError(f"write_gate must be 'model' or 'all', got {self.write_gate!r}")
         for name in ("supersede", "supersede_sentence", "dedupe"):
@@ -184,6 +187,7 @@ class TraceBank(TraceRouting, DirectMemory):
         parts = [p for p in sentences(messages[index]["content"]) if not is_question(p)]
         result = WriteResult()
         notes, skipped = [], 0
+        now = time.time()  # one message, one time: its sentences never correct one another
         for part in parts:
             ids, start, content = self._turn(part)
             if len(ids) - start > self.cfg.max_trace_tokens:
@@ -197,7 +201,7 @@ class TraceBank(TraceRouting, DirectMemory):
                     continue
             trace = Trace(token_ids=np.asarray([ids[i] for i in content] or ids[start:], dtype=np.int32),
                           route=route, sentence=sentence, written=self.clock, used=self.clock,
-                          said_at=time.time()).stored_as(self.cfg.dtype)
+                          said_at=now).stored_as(self.cfg.dtype)
             self.clock += 1
             query = self._remember_query(part, route, sentence)  # asking the statement back routes at once
             verb = self._place(trace, *query)
@@ -229,6 +233,8 @@ class TraceBank(TraceRouting, DirectMemory):
             self._traces_changed()
             trace.used = max(trace.used, gone.used)
             return "restated"
+        if not self.cfg.supersede_on_write:
+            return "stored"
         stale = [i for i in live if tokens[i] >= self.cfg.supersede and sentences_[i] >= self.cfg.supersede_sentence]
         for i in stale:  # superseded traces score -inf from now on (`scores`); nothing cached reads them
             self.traces[i].replaced_by = trace.written

@@ -182,7 +182,8 @@ class TraceRouting:
         margin = self.margins(text)
         first = [int(i) for i in np.argsort(-margin, kind="stable")[: self.cfg.candidates] if np.isfinite(margin[i])]
         gains = {i: self.relevance(self.traces[i], text) + self.cfg.margin_weight * float(margin[i]) for i in first}
-        order = sorted((i for i in first if gains[i] >= self.cfg.relevance), key=lambda i: -gains[i])
+        relevant = sorted((i for i in first if gains[i] >= self.cfg.relevance), key=lambda i: -gains[i])
+        order = self._corrected(relevant, gains)
         chosen: list[int] = []
         budget = self.cfg.read_budget
         for i in order[: self.cfg.max_read]:
@@ -193,6 +194,27 @@ class TraceRouting:
             budget -= n
         return (sorted(chosen, key=lambda i: self.traces[i].written),
                 {self._text(self.traces[i]): round(gains[i], 3) for i in first})
+
+    def _corrected(self, order: list[int], gains: dict[int, float]) -> list[int]:
+        """`order` without the statements a newer one in it corrects: said in another message, as
+        relevant to this message (within `supersede_gap`), and scoring against the older, as a query,
+        past `supersede` (token level) and `supersede_sentence` (whole turn). Decided per message:
+        what two statements are about is the message's subject, which comparing the two alone
+        cannot tell ("Our cat is called Miso." and "Our dog is called Pepper." score like a
+        correction)."""
+        states, starts = self._routing_index()
+        sentence = self._sentence_index()
+
+        def corrects(new: int, old: int) -> bool:
+            a, b = self.traces[new], self.traces[old]
+            if a.written <= b.written or a.said_at == b.said_at or gains[new] < gains[old] - self.cfg.supersede_gap:
+                return False
+            query = states[starts[new]: starts[new] + len(a.route)]
+            keys = states[starts[old]: starts[old] + len(b.route)]
+            token = float(late_interaction(query, keys, np.zeros(1, dtype=np.int64), self._token_weights(query))[0])
+            return token >= self.cfg.supersede and float(sentence[new] @ sentence[old]) >= self.cfg.supersede_sentence
+
+        return [i for i in order if not any(corrects(j, i) for j in order if j != i)]
 
     def relevance(self, trace: Trace, text: str) -> float:
         """How much the statement makes the message likelier: the mean gain in log-probability of the
