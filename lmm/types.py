@@ -83,8 +83,9 @@ class ModelView(Protocol):
         keys as if every token sat `shift` positions later."""
         ...
 
-    def token_logprobs(self, ids: Sequence[int]) -> Any:
-        """log P(ids[i] | ids[:i]) for i >= 1 under the frozen model: a float32 numpy array."""
+    def token_logprobs(self, batch: Sequence[Sequence[int]]) -> Any:
+        """Per sequence `ids` of `batch`, one forward for all: log P(ids[i] | ids[:i]) for i >= 1 under
+        the frozen model, a float32 numpy array each."""
         ...
 
     def read(self, extra: ExtraKV | None) -> None:

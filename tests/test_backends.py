@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lmm.backends import DecodingConfig
+from lmm.backends.base import BackendError
 from lmm.memory.base import RewriteContext
 from lmm.testing import FAMILIES
 
@@ -118,8 +119,9 @@ def test_decoding_fallback_without_beam() -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_token_logprobs_are_the_frozen_models(backend_name: str, family: str, tiny_backend) -> None:
-    """log P(ids[i] | ids[:i]) equals the log-softmax of a plain forward, and neither an installed
-    hook nor extra keys/values change it (the positive control: the hook does change the forward)."""
+    """log P(ids[i] | ids[:i]) equals the log-softmax of a plain forward, also for a shorter row batched
+    with it (right padding), and neither an installed hook nor extra keys/values change it (the positive
+    control: the hook does change the forward)."""
     from lmm.types import ExtraKV
 
     backend = tiny_backend(backend_name, family)
@@ -129,14 +131,20 @@ def test_token_logprobs_are_the_frozen_models(backend_name: str, family: str, ti
     top = logits.max(1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
     expected = logp[np.arange(len(ids) - 1), ids[1:]]
-    np.testing.assert_allclose(backend.token_logprobs(ids), expected, atol=2e-4, rtol=1e-4)
+    whole, short = backend.token_logprobs([ids, ids[:5]])
+    np.testing.assert_allclose(whole, expected, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(short, expected[:4], atol=2e-4, rtol=1e-4)  # the shared prefix ran once
+    unshared = backend.token_logprobs([ids[::-1][:3], ids])[1]  # no common prefix: one padded forward
+    np.testing.assert_allclose(unshared, expected, atol=2e-4, rtol=1e-4)
+    with pytest.raises(BackendError, match="two tokens"):
+        backend.token_logprobs([ids, ids[:1]])
     backend.install_hook(1, lambda h, ctx: h * 3.0)
     cap = backend.capture(ids[:3], kv_layers=[0])
     backend.set_extra_kv(ExtraKV(key="t", layers={0: cap.kv[0]}, visible_from=0))
     try:
         changed = ops.to_numpy(backend.forward(ids, backend.new_cache(), "score"))
         assert not np.allclose(changed, logits, atol=1e-3)
-        np.testing.assert_allclose(backend.token_logprobs(ids), expected, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(backend.token_logprobs([ids])[0], expected, atol=2e-4, rtol=1e-4)
     finally:
         backend.set_extra_kv(None)
         backend.remove_hook()

@@ -104,6 +104,30 @@ def find_layers(model: Any, expected: int | None = None) -> tuple[str, Sequence[
     raise BackendError(f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(LAYER_PATHS)})")
 
 
+def check_logprob_batch(batch: Sequence[Sequence[int]]) -> tuple[list[list[int]], int]:
+    """`token_logprobs`' rows as lists and the length of the prefix they all share (0 when under two
+    tokens; at least one token of each row left after it), or a BackendError naming what is wrong."""
+    rows = [list(ids) for ids in batch]
+    if not rows or min(len(r) for r in rows) < 2:
+        raise BackendError("token_logprobs needs at least one sequence, each of at least two tokens")
+    shared = min(min(common_prefix_len(rows[0], r) for r in rows), min(len(r) for r in rows) - 1)
+    return rows, shared if shared >= 2 else 0
+
+
+def join_logprobs(rows: Sequence[Sequence[int]], shared: int, head: np.ndarray | None,
+                  tails: np.ndarray) -> list[np.ndarray]:
+    """Per row, log P(ids[i] | ids[:i]) for i >= 1, from the shared prefix's log-softmax `head`
+    [shared, vocab] (None when nothing is shared) and the rows' own picked log-probabilities `tails`
+    [rows, width - 1] (their token i + 1 given tokens up to i, past the prefix)."""
+    out = []
+    for i, row in enumerate(rows):
+        own = tails[i, : len(row) - shared - 1]
+        if head is not None:
+            own = np.concatenate([head[np.arange(shared), row[1: shared + 1]], own])
+        out.append(own.astype(np.float32))
+    return out
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -253,9 +277,11 @@ class Backend(ABC):
         changes."""
         raise BackendError(f"{self.name} cannot capture layer states")
 
-    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
-        """log P(ids[i] | ids[:i]) for i >= 1 under the frozen model (no memory hook, no extra
-        keys/values), from one forward without a cache: float32 [len(ids) - 1]."""
+    def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Per sequence `ids` of `batch`: log P(ids[i] | ids[:i]) for i >= 1 under the frozen model (no
+        memory hook, no extra keys/values), all from one batched forward without a cache: float32
+        [len(ids) - 1] each. One forward of a few short rows costs about what one row does on a CPU,
+        where reading the weights dominates."""
         raise BackendError(f"{self.name} cannot score tokens")
 
     # --- attention memory ----------------------------------------------------------
@@ -411,8 +437,8 @@ class BackendView:
                 kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
         return self._backend.capture(ids, hidden_layers=hidden_layers, kv_layers=kv_layers, shift=shift)
 
-    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
-        return self._backend.token_logprobs(ids)
+    def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        return self._backend.token_logprobs(batch)
 
     def read(self, extra: ExtraKV | None) -> None:
         self._backend.set_extra_kv(extra)

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from lmm.backends.attention_memory import AttentionPlan, StopForward, mlx_layer_scope
-from lmm.backends.base import Backend, BackendError, find_layers
+from lmm.backends.base import Backend, BackendError, check_logprob_batch, find_layers, join_logprobs
 from lmm.chat_format import ChatFormatter
 from lmm.ops import Params
 from lmm.types import Captured, HookFn
@@ -236,17 +236,26 @@ class MlxBackend(Backend):
             mx.eval(logits)
         return logits
 
-    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
-        if len(ids) < 2:
-            raise BackendError("token_logprobs needs at least two tokens")
+    def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        rows, shared = check_logprob_batch(batch)
+        width = max(len(r) for r in rows) - shared
+        tails = mx.array([r[shared:] + [0] * (width - len(r) + shared) for r in rows])  # right padding: no mask
+        head = None
         self._bypass_hook = True
         try:
-            logits = self.model(mx.array([list(ids)]))[0, :-1].astype(mx.float32)
+            cache = self.new_cache()
+            if shared:  # the rows' common prefix runs once; its keys/values are shared by every row
+                head = self.model(mx.array([rows[0][:shared]]), cache=cache)[0].astype(mx.float32)
+                for c in cache:
+                    c.keys, c.values = mx.repeat(c.keys, len(rows), axis=0), mx.repeat(c.values, len(rows), axis=0)
+            logits = self.model(tails, cache=cache).astype(mx.float32)
         finally:
             self._bypass_hook = False
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        picked = mx.take_along_axis(logp, mx.array(list(ids[1:]))[:, None], axis=1)[:, 0]
-        return np.array(picked, dtype=np.float32)
+        logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = np.array(mx.take_along_axis(logits[:, :-1], tails[:, 1:, None], axis=2)[..., 0], dtype=np.float32)
+        if head is not None:
+            head = np.array(head - mx.logsumexp(head, axis=-1, keepdims=True), dtype=np.float32)
+        return join_logprobs(rows, shared, head, picked)
 
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:

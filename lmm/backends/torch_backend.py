@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from lmm.backends.attention_memory import AttentionPlan, StopForward, enable_torch_attention, plan_scope
-from lmm.backends.base import Backend, BackendError, DecodingConfig, find_layers
+from lmm.backends.base import (
+    Backend,
+    BackendError,
+    DecodingConfig,
+    check_logprob_batch,
+    find_layers,
+    join_logprobs,
+)
 from lmm.chat_format import ChatFormatter
 from lmm.ops import Params
 from lmm.types import Captured, HookFn
@@ -266,18 +273,25 @@ class TorchBackend(Backend):
                 handle.remove()
         return plan.captured
 
-    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
-        if len(ids) < 2:
-            raise BackendError("token_logprobs needs at least two tokens")
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+    def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        rows, shared = check_logprob_batch(batch)
+        tails = torch.zeros((len(rows), max(len(r) for r in rows) - shared), dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):  # right padding needs no mask: under causal attention no token sees a pad
+            tails[i, : len(row) - shared] = torch.tensor(row[shared:], dtype=torch.long)
+        head = None
         self._bypass_hook = True
         try:
             with torch.no_grad(), plan_scope(None):
-                logits = self.model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+                cache = self.new_cache()
+                if shared:  # the rows' common prefix runs once; its keys/values are shared by every row
+                    prefix = torch.tensor([rows[0][:shared]], dtype=torch.long, device=self.device)
+                    head = self.model(input_ids=prefix, use_cache=True, **{self._cache_kw: cache}).logits[0].float()
+                    cache.batch_repeat_interleave(len(rows))
+                logits = self.model(input_ids=tails, use_cache=True, **{self._cache_kw: cache}).logits.float()
         finally:
             self._bypass_hook = False
-        picked = torch.log_softmax(logits, dim=-1).gather(1, input_ids[0, 1:, None])[:, 0]
-        return picked.cpu().numpy().astype(np.float32)
+        return join_logprobs(rows, shared, None if head is None else torch.log_softmax(head, -1).cpu().numpy(),
+                             torch.log_softmax(logits, -1).gather(2, tails[:, 1:, None])[..., 0].cpu().numpy())
 
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)

@@ -181,7 +181,8 @@ class TraceRouting:
             return [], {}
         margin = self.margins(text)
         first = [int(i) for i in np.argsort(-margin, kind="stable")[: self.cfg.candidates] if np.isfinite(margin[i])]
-        gains = {i: self.relevance(self.traces[i], text) + self.cfg.margin_weight * float(margin[i]) for i in first}
+        gains = {i: gain + self.cfg.margin_weight * float(margin[i])
+                 for i, gain in zip(first, self.relevance([self.traces[i] for i in first], text), strict=True)}
         relevant = sorted((i for i in first if gains[i] >= self.cfg.relevance), key=lambda i: -gains[i])
         order = self._corrected(relevant, gains)
         chosen: list[int] = []
@@ -216,21 +217,24 @@ class TraceRouting:
 
         return [i for i in order if not any(corrects(j, i) for j in order if j != i)]
 
-    def relevance(self, trace: Trace, text: str) -> float:
-        """How much the statement makes the message likelier: the mean gain in log-probability of the
+    def relevance(self, traces: Sequence[Trace], text: str) -> list[float]:
+        """How much each statement makes the message likelier: the mean gain in log-probability of the
         message's tokens when the statement precedes them in the user's turn (the frozen model's
-        pointwise mutual information; about 0 for a statement that has nothing to do with it)."""
-        alone = self._message_logprobs(text)
-        ids, _, content = self._turn(f"{self._text(trace)} {text}")
-        tail = content[-len(alone):]
-        after = self._model.token_logprobs(ids[: tail[-1] + 1])[np.asarray(tail) - 1]
-        return float(np.mean(after - alone))
-
-    def _message_logprobs(self, text: str) -> np.ndarray:
-        cached = self._logprobs.get(text)
-        if cached is None:
-            ids, _, content = self._turn(text)
-            content = content[-self.cfg.max_trace_tokens:] or [len(ids) - 1]
-            scored = self._model.token_logprobs(ids[: content[-1] + 1])
-            cached = self._logprobs.put(text, scored[np.asarray(content) - 1])
-        return cached
+        pointwise mutual information; about 0 for a statement that has nothing to do with it). One
+        batched forward scores every statement (and the message alone, unless cached)."""
+        if not traces:
+            return []
+        ids, _, content = self._turn(text)
+        content = content[-self.cfg.max_trace_tokens:] or [len(ids) - 1]
+        alone = self._logprobs.get(text)
+        rows, tails = [], []
+        for trace in traces:
+            joined, _, joined_content = self._turn(f"{self._text(trace)} {text}")
+            tails.append(np.asarray(joined_content[-len(content):]))
+            rows.append(joined[: tails[-1][-1] + 1])
+        if alone is None:
+            rows.append(ids[: content[-1] + 1])
+        scored = self._model.token_logprobs(rows)
+        if alone is None:
+            alone = self._logprobs.put(text, scored.pop()[np.asarray(content) - 1])
+        return [float(np.mean(row[tail - 1] - alone)) for row, tail in zip(scored, tails, strict=True)]
