@@ -63,7 +63,7 @@ def test_probe_separates_the_two_classes_it_was_fitted_on() -> None:
 @pytest.mark.parametrize("field, value", [
     ("threshold", 1.5), ("threshold", float("nan")), ("start_layer", -2), ("routing_layer", -2), ("max_traces", 0),
     ("max_trace_tokens", 3), ("dedupe", 1.5), ("dtype", "int4"), ("sentence_threshold", 1.5),
-    ("sentence_layer", -2), ("max_query_sentences", -1), ("read_gain", 0),
+    ("sentence_layer", -2), ("max_query_sentences", -1), ("read_gain", 0), ("shortlist", 0), ("supersede_gap", -1.0),
 ])
 def test_config_rejects_bad_values(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
@@ -327,3 +327,24 @@ def test_read_gain_repeats_each_trace_token(tiny_backend) -> None:
         np.testing.assert_array_equal(keys[0, :, :n].numpy(), keys[0, :, 2 * n:].numpy())
     finally:
         eng.close()
+
+
+def test_the_token_level_runs_on_the_whole_turn_shortlist_only(tiny_backend) -> None:
+    """With shortlist=1 only the trace of best whole-turn cosine gets a token-level score, and its
+    score is the one it gets when every trace is scored (the control: shortlist past the count)."""
+    be = tiny_backend("torch")
+    texts = [FACT, OTHER, "I work as a baker in Lyon."]
+    scored = {}
+    for shortlist in (1, 10):
+        eng = engine(be, shortlist=shortlist, dedupe=1.0)
+        try:
+            for text in texts:
+                teach(eng, text)
+            scored[shortlist] = bank(eng).scores("Where do I live and what is my name?")
+        finally:
+            eng.close()
+    (tok1, whole1), (tok10, whole10) = scored[1], scored[10]
+    best = int(np.argmax(whole10))
+    np.testing.assert_allclose(whole1, whole10)
+    assert np.isfinite(tok10).all() and np.isfinite(tok1).sum() == 1 and np.isfinite(tok1[best])
+    np.testing.assert_allclose(tok1[best], tok10[best], rtol=1e-6)

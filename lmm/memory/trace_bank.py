@@ -5,10 +5,10 @@ split into sentences; questions are dropped, and the write gate (a probe on the 
 states, `lmm.memory.trace_gate`) keeps the sentences that tell something. Each kept sentence runs
 once through the frozen model as the only user turn and becomes a trace: its token ids and two
 routing keys (content-token states entering `routing_layer`, the turn's mean state entering
-`sentence_layer`). A new statement about the same thing as an older one supersedes it: the older
-stays as history (shown as replaced) and is never read again. Read (`before_reply`): the last
-user message, whatever its wording, is routed in two stages (`lmm.memory.trace_routing`); the few
-traces it reads, within a token budget, are rendered as one user turn (the user's role kept),
+`sentence_layer`). A restatement replaces its twin; a correction is decided when a reply would
+read both statements, where the message says what they are about. Read (`before_reply`): the
+last user message, whatever its wording, is routed in two stages (`lmm.memory.trace_routing`);
+the few traces it reads, within a token budget, are rendered as one user turn (the user's role kept),
 placed by RoPE right before the chat's first turn, where an earlier exchange would sit, and
 handed to the model as extra keys/values of every layer from `start_layer`, each token
 `read_gain` times. With none read (something never told), replies are the plain model's, bit for
@@ -57,6 +57,7 @@ class TraceBankConfig(MemoryConfig):
     routing_layer: int = -1  # layer whose input states route; -1: num_layers // 4
     sentence_layer: int = -1  # layer whose input states give the whole-turn means; -1: the hooked layer
     max_query_sentences: int = 4  # the first sentences of a longer message also route on their own
+    shortlist: int = 256  # first stage: token-level scores for this many traces of best whole-turn cosine
     candidates: int = 4  # the first stage's best few, which the second stage checks with the model
     relevance: float = 0.85  # second stage: a trace is read when its gain + margin_weight * margin reaches this
     margin_weight: float = 2.0  # (gain: mean log-probability gain of the message's tokens after the statement)
@@ -93,9 +94,9 @@ class TraceBankConfig(MemoryConfig):
         for name in ("start_layer", "routing_layer", "sentence_layer"):
             if getattr(self, name) < -1:
                 raise ValueError(f"{name} must be >= 0 (or -1 for its default), got {getattr(self, name)}")
-        for name, low in (("max_query_sentences", 0), ("candidates", 1), ("max_read", 1), ("read_budget", 1),
-                          ("read_gain", 1),
-                          ("max_traces", 1), ("max_bytes", 1), ("max_trace_tokens", 4)):
+        for name, low in (("max_query_sentences", 0), ("shortlist", 1), ("candidates", 1), ("max_read", 1),
+                          ("read_budget", 1), ("read_gain", 1), ("max_traces", 1), ("max_bytes", 1),
+                          ("max_trace_tokens", 4)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("read_spread", "supersede_gap"):
@@ -124,7 +125,7 @@ class TraceBank(TraceRouting, DirectMemory):
         self.center: np.ndarray | None = None  # float32 [d]
         self.clock = 0
         self._uids = 0
-        self._index: tuple[np.ndarray, np.ndarray] | None = None  # normalised routing states, segment starts
+        self._keys: Lru[int, np.ndarray] = Lru(1024)  # normalised centred routing states by trace uid
         self._extras: Lru[tuple[int, ...], ExtraKV] = Lru(8)  # read blocks of the last selections
         self._queries: Lru[str, tuple[np.ndarray, np.ndarray]] = Lru(32)
         self._logprobs: Lru[str, np.ndarray] = Lru(32)
@@ -145,14 +146,14 @@ class TraceBank(TraceRouting, DirectMemory):
 
     def _model_changed(self) -> None:
         """Drop everything computed by the model (a new model, or a new memory for it)."""
-        for cache in (self._extras, self._queries, self._logprobs):
+        for cache in (self._extras, self._queries, self._logprobs, self._keys):
             cache.clear()
         self._generic = self._sentence_center = None
         self._traces_changed()
 
     def _traces_changed(self) -> None:
-        """Drop the routing index built from the traces (added, dropped or loaded)."""
-        self._index = self._sentences = None
+        """Drop the whole-turn index built from the traces (added, dropped or loaded)."""
+        self._sentences = None
 
     def _or_hooked(self, layer: int) -> int:
         """A configured layer, or the hooked one for -1."""
@@ -218,15 +219,14 @@ class TraceBank(TraceRouting, DirectMemory):
 
     def _place(self, trace: Trace, query: np.ndarray, whole: np.ndarray) -> str:
         """Relate a new trace (its normalised routing and sentence states) to the current ones before
-        it is added: a restatement overwrites its twin; a statement about the same thing supersedes
-        the older ones (kept as history)."""
+        it is added: a restatement overwrites its twin; with `supersede_on_write`, a statement about
+        the same thing supersedes the older ones (kept as history)."""
         live = [i for i, t in enumerate(self.traces) if t.current]
         if not live:
             return "stored"
         tokens, sentences_ = self._score_states(query, whole)
-        states, starts = self._routing_index()
         best = max(live, key=lambda i: float(tokens[i]))
-        old = states[starts[best]: starts[best] + len(self.traces[best].route)]
+        old = self._trace_keys(best)
         back = float(late_interaction(old, query, np.zeros(1, dtype=np.int64))[0])
         if min(float(late_interaction(query, old, np.zeros(1, dtype=np.int64))[0]), back) >= self.cfg.dedupe:
             gone = self.traces.pop(best)

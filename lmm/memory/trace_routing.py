@@ -2,12 +2,14 @@
 
 Owns encoding a text as the only user turn of a chat (routing states of its content tokens, its
 whole-turn mean state), the neutral calibration that centres and weights them, and the two stages
-that decide what a reply reads. First stage, over every current trace: token-level late
-interaction (each query token's best cosine, weighted by how specific the token is) and the
-whole-turn cosine, ranked by the margin past the nearer threshold. Second stage, over the best
-`candidates`: the frozen model's own judgement, the mean gain in log-probability of the message's
-tokens when the statement precedes them (pointwise mutual information), plus `margin_weight`
-times the first-stage margin; a trace past `relevance` is read. A mixin of `TraceBank`, which owns
+that decide what a reply reads. First stage, over every current trace: the whole-turn cosine (one
+matrix product) and, for the `shortlist` best of it, token-level late interaction (each query
+token's best cosine, weighted by how specific the token is), ranked by the margin past the nearer
+threshold. Second stage, over the best `candidates`, in one batched forward: the frozen model's own
+judgement, the mean gain in log-probability of the message's tokens when the statement precedes
+them (pointwise mutual information), plus `margin_weight` times the first-stage margin; a trace
+past `relevance` is read, and of two read statements about the message's subject, only the newer
+(a correction). A mixin of `TraceBank`, which owns
 the store, writing and reading; it holds no state of its own beyond caches.
 """
 
@@ -36,7 +38,7 @@ class TraceRouting:
     center: np.ndarray | None
     routing: int
     sentence_layer: int
-    _index: tuple[np.ndarray, np.ndarray] | None
+    _keys: Lru[int, np.ndarray]
     _queries: Lru[str, tuple[np.ndarray, np.ndarray]]
     _logprobs: Lru[str, np.ndarray]
     _generic: np.ndarray | None
@@ -134,17 +136,26 @@ class TraceRouting:
             self._sentences = normalize(stacked - self._ensure_sentence_center())
         return self._sentences
 
-    def _routing_index(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._index is None:
-            center = self._ensure_center()
-            states = np.concatenate([t.route_states() for t in self.traces])
-            starts = np.cumsum([0] + [len(t.route) for t in self.traces[:-1]])
-            self._index = (normalize(states - center), starts)
-        return self._index
+    def _trace_keys(self, i: int) -> np.ndarray:
+        """Trace `i`'s routing states, centred and normalised (cached for the recently scored)."""
+        trace = self.traces[i]
+        keys = self._keys.get(trace.uid)
+        if keys is None:
+            keys = self._keys.put(trace.uid, normalize(trace.route_states() - self._ensure_center()))
+        return keys
 
     def _score_states(self, query: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        states, starts = self._routing_index()
-        return late_interaction(query, states, starts, self._token_weights(query)), self._sentence_index() @ sentence
+        """(token-level, whole-turn) scores of every trace. The token level, the costly one, is computed
+        for the `shortlist` traces of best whole-turn cosine; the others score -inf there."""
+        whole = self._sentence_index() @ sentence
+        short = np.arange(len(whole))
+        if len(short) > self.cfg.shortlist:
+            short = np.argpartition(-whole, self.cfg.shortlist - 1)[: self.cfg.shortlist]
+        keys = [self._trace_keys(int(i)) for i in short]
+        starts = np.cumsum([0] + [len(k) for k in keys[:-1]])
+        tokens = np.full(len(whole), -np.inf, dtype=np.float32)
+        tokens[short] = late_interaction(query, np.concatenate(keys), starts, self._token_weights(query))
+        return tokens, whole
 
     def scores(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Routing scores of every stored trace for a user message `text`: (token-level, sentence-level),
@@ -203,16 +214,15 @@ class TraceRouting:
         what two statements are about is the message's subject, which comparing the two alone
         cannot tell ("Our cat is called Miso." and "Our dog is called Pepper." score like a
         correction)."""
-        states, starts = self._routing_index()
         sentence = self._sentence_index()
 
         def corrects(new: int, old: int) -> bool:
             a, b = self.traces[new], self.traces[old]
             if a.written <= b.written or a.said_at == b.said_at or gains[new] < gains[old] - self.cfg.supersede_gap:
                 return False
-            query = states[starts[new]: starts[new] + len(a.route)]
-            keys = states[starts[old]: starts[old] + len(b.route)]
-            token = float(late_interaction(query, keys, np.zeros(1, dtype=np.int64), self._token_weights(query))[0])
+            query = self._trace_keys(new)
+            token = float(late_interaction(query, self._trace_keys(old), np.zeros(1, dtype=np.int64),
+                                           self._token_weights(query))[0])
             return token >= self.cfg.supersede and float(sentence[new] @ sentence[old]) >= self.cfg.supersede_sentence
 
         return [i for i in order if not any(corrects(j, i) for j in order if j != i)]
