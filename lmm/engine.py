@@ -123,6 +123,7 @@ class ChatEngine:
         self._pending: Future[UpdateSummary] | None = None
         self._updated_in_background = False  # the update thread has run: it must release what it holds
         self.autosave_path: Path | None = None  # set_autosave: written after every change of the memory
+        self.saved_as: Path | None = None  # the file that holds exactly this memory (None: changed since)
         self._state: dict[str, np.ndarray] | None = None  # the module's state after its last good update
         self.module = create_memory(config.memory, hidden_size=backend.hidden_size, ops=backend.ops,
                                     seed=config.seed, options=config.memory_options)
@@ -307,6 +308,7 @@ class ChatEngine:
             summary.rolled_back = summary.skipped = bad
             return summary
         self._state = after
+        self.saved_as = None
         if self.autosave_path is not None:
             self._write_autosave(after)
             summary.autosave_seconds = time.perf_counter() - start
@@ -354,7 +356,7 @@ class ChatEngine:
     def _install(self, module: MemoryModule) -> None:
         module.attach(self.backend.view(), self.layer)  # may refuse the module: nothing changed yet
         self.module = module
-        self._state = None
+        self._state = self.saved_as = None
         self.last_update = None  # it described another memory (e.g. the previous user's)
         self.hook = MemoryHook(module, self.log, layer=self.layer, backend=self.backend.name,
                                model=self.backend.model_id, log_activations=self.config.log_activations)
@@ -380,6 +382,7 @@ class ChatEngine:
         self.wait_for_update()
         target = Path(path) if path else default_save_path(self.module.name, artifacts_dir())
         save_state(target, self.header(), self.module.state_tensors())
+        self.saved_as = target
         return target
 
     def load_memory(self, path: Path | str) -> None:
@@ -403,6 +406,7 @@ class ChatEngine:
         if config != previous:
             self.notice(f"memory config taken from {path.name}: {config.to_json()}")
         self.created_at = header.created_at
+        self.saved_as = path
         self._write_autosave()
 
     def memory_items(self) -> list[MemoryItem]:
@@ -416,7 +420,7 @@ class ChatEngine:
         if number < 1:
             raise ValueError(f"item numbers start at 1, got {number}")
         text = self.module.forget_item(number - 1)
-        self._state = None
+        self._state = self.saved_as = None
         self.backend.reset_session()
         self._write_autosave()
         return text

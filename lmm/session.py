@@ -107,6 +107,11 @@ class ChatSession:
         if self.incognito:
             self.notice("incognito: memory not saved")
             return None
+        if path is None and self.save_path is not None and self.engine.saved_as == self.save_path \
+                and self.save_path.exists():
+            # It already holds this memory: a large one is not rewritten. Read bookkeeping (when a trace
+            # was last read, for eviction order) is saved with the next change, as relatime does.
+            return self.save_path
         written = self.engine.save_memory(path or self.save_path)
         if path is None and self.save_path is None:
             self.save_path = written  # later saves in this session go to the same file

@@ -294,6 +294,24 @@ def test_zero_leakage_between_users(make_session) -> None:
     assert same_state(alice_file, taught) and same_state(engine.module.state_tensors(), taught)
 
 
+def test_an_unchanged_memory_is_not_rewritten_on_a_switch(make_session) -> None:
+    """Leaving a user whose memory holds what their file holds does not write it again (a large
+    memory switches fast); a change since does (the positive control)."""
+    session = make_session(user="alice")
+    session.engine.ask(TEACH[0])
+    run_command(session, "/user bob")
+    alice = user_state_path("alice", "lora_on_user")
+    stamp = alice.stat().st_mtime_ns, alice.stat().st_ino
+    run_command(session, "/user alice")
+    run_command(session, "/user bob")  # alice loaded and left unchanged
+    assert (alice.stat().st_mtime_ns, alice.stat().st_ino) == stamp
+    run_command(session, "/user alice")
+    session.engine.ask(TEACH[1])
+    run_command(session, "/user bob")
+    assert (alice.stat().st_mtime_ns, alice.stat().st_ino) != stamp
+    assert read_state(alice)[0].update_count == 2
+
+
 @pytest.mark.integration
 def test_zero_leakage_embedded_model(embedded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the real model, with a module that recalls: alice's name comes back to alice after a
