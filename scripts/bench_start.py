@@ -1,0 +1,124 @@
+"""Start-up and user-switch figures on the embedded model, measured side by side in one run.
+
+Prints:
+- cold start: wall time of a piped one-token chat (`python -m lmm.chat --json --max-tokens 1`,
+  one message, memory `--memory`) against a plain transformers script that loads the same model
+  folder and answers the same message with one token; the two alternate, `--rounds` each, and
+  the ratio of the medians is printed (on a shared machine only a ratio from one run is fair);
+- with `--state FILE` (a saved memory of `--memory`, e.g. the 10,000-fact file of
+  `python -m lmm.bench --scale ...`): the time to load it into a running engine, and the time of
+  the REPL's `/user NAME` between two users who each hold a copy of it (unchanged memories, and
+  after one message, which must save the one left).
+
+Usage: python scripts/bench_start.py [--memory trace_bank] [--rounds 3] [--state FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PLAIN = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[2]}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True)
+out = model.generate(**ids, max_new_tokens=1, do_sample=False)
+print(tok.decode(out[0, ids["input_ids"].shape[1]:]))
+"""
+MESSAGE = "Hi! What is a good name for a cat?"
+
+
+def timed(cmd: list[str], stdin: bytes, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, env=env, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} failed: {proc.stderr.decode().strip().splitlines()[-1:]}")
+    return time.perf_counter() - start
+
+
+def cold_start(memory: str, rounds: int, model_dir: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    chat = [sys.executable, "-m", "lmm.chat", "--json", "--max-tokens", "1", "--memory", memory, "--incognito",
+            "--model", str(model_dir), "--backend", "torch"]
+    plain = [sys.executable, "-c", PLAIN, str(model_dir), MESSAGE]
+    times: dict[str, list[float]] = {"lmm chat": [], "plain transformers": []}
+    for _ in range(rounds):
+        times["lmm chat"].append(timed(chat, (MESSAGE + "\n").encode(), env))
+        times["plain transformers"].append(timed(plain, b"", env))
+    for name, values in times.items():
+        each = ", ".join(f"{v:.2f}" for v in values)
+        print(f"cold start {name:<19} median {statistics.median(values):5.2f} s  ({each})")
+    ratio = statistics.median(times["lmm chat"]) / statistics.median(times["plain transformers"])
+    print(f"cold start ratio lmm / plain: {ratio:.2f}")
+
+
+def user_switch(memory: str, state: Path, rounds: int, model_dir: Path) -> None:
+    from lmm.commands import run_command
+    from lmm.engine import ChatEngine, EngineConfig
+    from lmm.session import ChatSession, user_state_path
+
+    root = Path(tempfile.mkdtemp(prefix="lmm-switch-"))
+    os.environ["LMM_ARTIFACTS"] = str(root)
+    engine = ChatEngine(EngineConfig(model=str(model_dir), memory=memory, backend="torch", activation_log_path=None,
+                                     background_updates=False))
+    for user in ("ann", "ben"):
+        target = user_state_path(user, memory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(state, target)
+    loads = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        engine.load_memory(user_state_path("ann", memory))
+        loads.append(time.perf_counter() - start)
+    items = len(engine.memory_items())
+    print(f"load {state.name} ({items} items, {state.stat().st_size / 1e6:.1f} MB): median "
+          f"{1000 * statistics.median(loads):.0f} ms")
+    session = ChatSession(engine, user="ann")
+    session.start()
+    unchanged, changed = [], []
+    for i in range(rounds):
+        for user in ("ben", "ann"):
+            start = time.perf_counter()
+            run_command(session, f"/user {user}")
+            unchanged.append(time.perf_counter() - start)
+        engine.ask(f"My locker number is {100 + i}.")  # a change: leaving this user saves the memory
+        start = time.perf_counter()
+        run_command(session, "/user ben")
+        changed.append(time.perf_counter() - start)
+        run_command(session, "/user ann")
+    session.close()
+    engine.close()
+    print(f"/user switch, memories unchanged: median {1000 * statistics.median(unchanged):.0f} ms over "
+          f"{len(unchanged)}; after a message (the memory left is saved): median "
+          f"{1000 * statistics.median(changed):.0f} ms over {len(changed)}")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memory", default="trace_bank")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--state", type=Path, help="a saved memory of --memory for the load and switch figures")
+    parser.add_argument("--no-cold-start", action="store_true")
+    args = parser.parse_args()
+    from lmm.models import resolve_model
+
+    model_dir = Path(resolve_model(None).path).resolve()
+    if not args.no_cold_start:
+        cold_start(args.memory, args.rounds, model_dir)
+    if args.state is not None:
+        user_switch(args.memory, args.state.resolve(), args.rounds, model_dir)
+
+
+if __name__ == "__main__":
+    main()
