@@ -158,7 +158,8 @@ def test_bench_scale_end_to_end(tiny_models: dict[str, Path], tmp_path: Path, ca
     assert code == 0
     results = json.loads(next(out.glob("scale_torch_*.json")).read_text())
     assert [r["n"] for r in results["rows"]] == [3, 6] and [r["traces"] for r in results["rows"]] == [3, 6]
-    assert all(r["bytes_per_fact"] > 0 and r["write_ms_median"] > 0 for r in results["rows"])
+    assert all(r["bytes_per_fact"] > 0 and r["write_ms_median"] > 0 and r["index_ms_median"] > 0
+               for r in results["rows"])
     assert next(out.glob("scale_torch_*.png")).stat().st_size > 1000
     assert "| 6 |" in capsys.readouterr().out
     assert bench_main(["--scale", "ten", "--no-progress"]) == 2

@@ -8,6 +8,8 @@ taught so far is asked with no history. Per N it reports recall (and, once, the 
 asked with only its own fact in memory), unrelated prompts whose reply stays the plain
 model's, write time, routing time (the module's `select`, both stages), time to first token,
 bytes per fact (the saved file), and the load time of that file; a PNG plots them against N.
+Routing time is the module's `select` for a new message (encoding it included); "first stage"
+is the same message's first stage again, its states cached: the index lookup alone.
 """
 
 from __future__ import annotations
@@ -131,12 +133,16 @@ def _measure(teacher: Any, engine: Callable[[], Any], path: Path, facts: Sequenc
         t0 = time.perf_counter()
         fresh.load_memory(path)
         load = time.perf_counter() - t0
-        hits, route_ms, ttft = [], [], []
+        hits, route_ms, index_ms, ttft = [], [], [], []
         for i in asked:
             advance(f"N={n}: asking")
             t0 = time.perf_counter()
             fresh.module.select(facts[i].question)
             route_ms.append(1000 * (time.perf_counter() - t0))
+            if hasattr(fresh.module, "margins"):  # the first stage again, the message's states now cached
+                t0 = time.perf_counter()
+                fresh.module.margins(facts[i].question)
+                index_ms.append(1000 * (time.perf_counter() - t0))
             turn = fresh.respond([{"role": "user", "content": facts[i].question}])
             hits.append(recalls(turn.assistant, [facts[i].answer]))
             ttft.append(turn.time_to_first_token)
@@ -144,21 +150,24 @@ def _measure(teacher: Any, engine: Callable[[], Any], path: Path, facts: Sequenc
     finally:
         fresh.close()
     return {"n": n, "recall": [sum(hits), len(hits)], "hits": hits, "unrelated_untouched": [sum(untouched),
-            len(untouched)], "route_ms_median": statistics.median(route_ms), "ttft_median": statistics.median(ttft),
+            len(untouched)], "route_ms_median": statistics.median(route_ms),
+            "index_ms_median": statistics.median(index_ms) if index_ms else None,
+            "ttft_median": statistics.median(ttft),
             "bytes_per_fact": path.stat().st_size / n, "load_seconds": load,
             "traces": len(getattr(teacher.module, "traces", []))}
 
 
 def format_scale(results: dict[str, Any]) -> str:
-    head = ["N", "recall", "same facts alone", "unrelated untouched", "write ms", "routing ms", "TTFT s",
-            "bytes/fact", "load s"]
+    head = ["N", "recall", "same facts alone", "unrelated untouched", "write ms", "routing ms", "first stage ms",
+            "TTFT s", "bytes/fact", "load s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results["rows"]:
         lines.append("| " + " | ".join([
             str(r["n"]), f"{r['recall'][0]}/{r['recall'][1]}",
             f"{r['recall_on_alone_sample'][0]}/{r['alone_recall'][0]} of {r['alone_recall'][1]}",
             f"{r['unrelated_untouched'][0]}/{r['unrelated_untouched'][1]}", f"{r['write_ms_median']:.0f}",
-            f"{r['route_ms_median']:.0f}", f"{r['ttft_median']:.2f}", f"{r['bytes_per_fact']:.0f}",
+            f"{r['route_ms_median']:.0f}", "-" if r.get("index_ms_median") is None else f"{r['index_ms_median']:.1f}",
+            f"{r['ttft_median']:.2f}", f"{r['bytes_per_fact']:.0f}",
             f"{r['load_seconds']:.3f}"]) + " |")
     return "\n".join(lines)
 
