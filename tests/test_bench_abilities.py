@@ -105,19 +105,19 @@ def test_locomo_questions_become_first_person(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["abilities", "locomo"])
 def test_bench_abilities_end_to_end(mode: str, tiny_models: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "abilities"
+    source.mkdir()
+    (source / "unrelated.jsonl").write_text(json.dumps({"prompt": "Tell me about the sea."}) + "\n")
     if mode == "locomo":
-        source = tmp_path / "conv.json"
-        source.write_text(json.dumps(LOCOMO))
-        args = ["--locomo", str(source), "--speaker", "a"]
+        conversation = tmp_path / "conv.json"
+        conversation.write_text(json.dumps(LOCOMO))
+        args = ["--locomo", str(conversation), "--speaker", "a", "--abilities", str(source)]
     else:
-        source = tmp_path / "abilities"
-        source.mkdir()
         (source / "identity.jsonl").write_text(json.dumps(
             {"name": "name", "teach": ["My name is Alice."], "query": "What is my name?", "expect": ["Alice"]}) + "\n")
         (source / "correction.jsonl").write_text(json.dumps(
             {"name": "city", "sessions": [["I live in Porto."], ["I live in Ghent now."]], "query": "Where do I live?",
              "expect": ["Ghent"], "reject": ["Porto"], "distractors": 1}) + "\n")
-        (source / "unrelated.jsonl").write_text(json.dumps({"prompt": "Tell me about the sea."}) + "\n")
         args = ["--abilities", str(source)]
     out = tmp_path / "out"
     code = bench_main([*args, "--backend", "torch", "--model", str(tiny_models["llama"]), "--out", str(out),
@@ -133,8 +133,8 @@ def test_bench_abilities_end_to_end(mode: str, tiny_models: dict[str, Path], tmp
     assert bank["crowded"]["state_bytes"] > 0 and len(bank["crowded"]["cases"]) == results["n_cases"]
     assert ("separate" in bank) == (mode == "abilities")
     assert "| trace_bank | one for all |" in stdout
-    if mode == "abilities":
-        assert len(bank["crowded"]["unrelated"]) == 1 and "identical" in bank["crowded"]["unrelated"][0]
+    probe = bank["crowded"]["unrelated"]  # with the whole conversation in memory, for LoCoMo
+    assert len(probe) == 1 and {"identical", "degenerate"} <= set(probe[0])
 
 
 def test_bench_abilities_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -135,7 +135,14 @@ def run_scale_cli(args: argparse.Namespace) -> int:
 
 def run_abilities(args: argparse.Namespace) -> int:
     """--abilities / --locomo: the ability rows on one loaded backend; prints the table, writes JSON."""
-    from lmm.bench.abilities import AbilityConfig, AbilityRun, format_table, load_cases, run_abilities
+    from lmm.bench.abilities import (
+        AbilityConfig,
+        AbilityRun,
+        format_table,
+        load_cases,
+        load_unrelated,
+        run_abilities,
+    )
     from lmm.bench.engines import check_module_options, load_shared_backend
     from lmm.bench.locomo import load_locomo
     from lmm.bench.scenarios import load_distractors
@@ -147,7 +154,8 @@ def run_abilities(args: argparse.Namespace) -> int:
     conversation = None
     if args.locomo is not None:
         conversation, cases = load_locomo(args.locomo, args.speaker)
-        unrelated: list[str] = []
+        # the ability set's unrelated prompts, asked with the whole conversation in memory
+        unrelated = load_unrelated(args.abilities or Path("benchmarks/abilities"))
     else:
         pool = load_distractors(args.distractors) if args.distractors.exists() else []
         cases, unrelated = load_cases(args.abilities, pool)

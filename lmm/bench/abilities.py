@@ -107,8 +107,13 @@ def load_cases(folder: Path, pool: Sequence[str], distractors: int = 3) -> tuple
             cases.append(Case(name=f"{path.stem}/{name}", ability=path.stem, sessions=sessions,
                               query=_text(path, lineno, obj, "query"), expect=expect, reject=reject,
                               evidence=evidence or tuple(m for s in sessions for m in s), distractors=picked))
-    unrelated = folder / UNRELATED_FILE
-    return cases, (load_probes(unrelated) if unrelated.exists() else [])
+    return cases, load_unrelated(folder)
+
+
+def load_unrelated(folder: Path) -> list[str]:
+    """`folder`'s unrelated prompts (none when it has no `unrelated.jsonl`)."""
+    path = Path(folder) / UNRELATED_FILE
+    return load_probes(path) if path.exists() else []
 
 
 @dataclass
@@ -224,8 +229,8 @@ class AbilityRun:
         for prompt in unrelated:
             self.advance(f"{module} crowded: unrelated")
             got = self.ask(module, path, prompt)
-            probes.append({"prompt": prompt, "answer": got["answer"], "read": got["read"],
-                           "identical": got["tokens"] == self.plain(prompt)})
+            probes.append({"prompt": prompt, "answer": got["answer"], "read": got["read"], "degenerate":
+                           is_degenerate(got["answer"]), "identical": got["tokens"] == self.plain(prompt)})
         return {"cases": answers, "unrelated": probes, **teaching}
 
 
