@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "in-context, oracle")
     p.add_argument("--locomo", type=Path, default=None, metavar="FILE",
                    help="a LoCoMo conversation (JSON): one speaker's turns taught session by session, "
-                        "single-hop questions about them asked in the first person")
+                        "single-hop questions about them asked in the first person, and the unrelated "
+                        "prompts of the --abilities folder asked with the conversation in memory")
     p.add_argument("--speaker", default="a", choices=["a", "b"], help="--locomo: which speaker is the user")
     p.add_argument("--scale", default=None, metavar="N,N,...",
                    help="write N synthetic facts into one memory of the module (default trace_bank) and ask a "
