@@ -9,8 +9,8 @@ threshold. Second stage, over the best `candidates`, in one batched forward: the
 judgement, the mean gain in log-probability of the message's tokens when the statement precedes
 them (pointwise mutual information), plus `margin_weight` times the first-stage margin; a trace
 past `relevance` is read, and of two read statements about the message's subject, only the newer
-(a correction). A mixin of `TraceBank`, which owns
-the store, writing and reading; it holds no state of its own beyond caches.
+(a correction). A mixin of `TraceBank`, which owns the store, writing and reading; it holds no
+state of its own beyond caches.
 """
 
 from __future__ import annotations
