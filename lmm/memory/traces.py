@@ -40,7 +40,7 @@ CALIBRATION = (
     "Translate 'good night' into German.",
 )
 
-@dataclass
+@dataclass(slots=True)
 class Trace:
     """One stored statement. Compact: its token ids and routing states, not keys/values (those are
     recomputed for the few traces a reply reads, in one short forward)."""
@@ -189,13 +189,14 @@ def unpack_traces(tensors: dict[str, np.ndarray], hidden_size: int, module: str)
     ok = ok and (not quantized or extra["route_scale"].shape == (int(rlens.sum()),))
     if not ok:
         raise StateError(f"inconsistent trace tensors in state for module {module}")
-    said, replaced = extra["said_at"], extra["replaced_by"]
-    ids = np.split(g["token_ids"], np.cumsum(lens)[:-1])
-    routes = np.split(g["route"], np.cumsum(rlens)[:-1])
-    scales = np.split(extra["route_scale"], np.cumsum(rlens)[:-1]) if quantized else [None] * n
-    return [Trace(token_ids=ids[i].astype(np.int32), route=routes[i], sentence=g["sentence"][i],
-                  written=int(g["written"][i]), used=int(g["used"][i]),
-                  said_at=float(said[i]) if said is not None else float("nan"),
-                  replaced_by=int(replaced[i]) if replaced is not None else -1,
-                  route_scale=scales[i], sentence_scale=extra["sentence_scale"][i:i + 1] if quantized else None)
-            for i in range(n)]
+    said = extra["said_at"].tolist() if extra["said_at"] is not None else [float("nan")] * n
+    replaced = extra["replaced_by"].tolist() if extra["replaced_by"] is not None else [-1] * n
+    token_ids, route, sentence = g["token_ids"].astype(np.int32), g["route"], g["sentence"]
+    scale, sentence_scale = extra["route_scale"], extra["sentence_scale"]
+    ends, route_ends = np.cumsum(lens).tolist(), np.cumsum(rlens).tolist()  # plain slices: np.split is slow
+    starts, route_starts = [0, *ends[:-1]], [0, *route_ends[:-1]]
+    return [Trace(token_ids=token_ids[starts[i]: ends[i]], route=route[route_starts[i]: route_ends[i]],
+                  sentence=sentence[i], written=w, used=u, said_at=said[i], replaced_by=replaced[i],
+                  route_scale=scale[route_starts[i]: route_ends[i]] if quantized else None,
+                  sentence_scale=sentence_scale[i: i + 1] if quantized else None)
+            for i, (w, u) in enumerate(zip(g["written"].tolist(), g["used"].tolist(), strict=True))]
