@@ -279,9 +279,8 @@ class Backend(ABC):
 
     def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per sequence `ids` of `batch`: log P(ids[i] | ids[:i]) for i >= 1 under the frozen model (no
-        memory hook, no extra keys/values), all from one batched forward without a cache: float32
-        [len(ids) - 1] each. One forward of a few short rows costs about what one row does on a CPU,
-        where reading the weights dominates."""
+        memory hook, no extra keys/values), all in one batched forward after the prefix the rows share
+        (a system prompt), which runs once: float32 [len(ids) - 1] each."""
         raise BackendError(f"{self.name} cannot score tokens")
 
     # --- attention memory ----------------------------------------------------------
