@@ -242,3 +242,28 @@ def test_weight_modules_say_they_keep_no_items(tiny_backend) -> None:
         assert "keeps no separate items" in run_command(session, "/forget 1").text
     finally:
         eng.close()
+
+
+def test_the_whole_turn_index_grows_in_place_and_matches_a_rebuild(tiny_backend) -> None:
+    """Appending traces extends the index without rebuilding it; after a deletion it is rebuilt; both
+    equal an index built from scratch (the control: a stale index differs after the deletion)."""
+    be = tiny_backend("torch")
+    eng = engine(be, dedupe=1.0)
+    try:
+        m = bank(eng)
+        for i in range(3):
+            teach(eng, f"My locker number {i} is at gate {i * 7 + 3}.")
+        buffer = m._sentence_index().base
+        for i in range(3, 6):
+            teach(eng, f"My locker number {i} is at gate {i * 7 + 3}.")
+        grown = m._sentence_index()
+        assert grown.base is buffer and len(grown) == 6
+        stale = grown.copy()
+        m._traces_changed()
+        np.testing.assert_allclose(m._sentence_index(), stale, rtol=1e-6)
+        eng.forget_item(2)
+        rebuilt = m._sentence_index()
+        assert len(rebuilt) == 5 and not np.allclose(rebuilt, np.delete(stale, 5, axis=0))
+        np.testing.assert_allclose(rebuilt, np.delete(stale, 1, axis=0), rtol=1e-6)
+    finally:
+        eng.close()

@@ -131,7 +131,8 @@ class TraceBank(TraceRouting, DirectMemory):
         self._logprobs: Lru[str, np.ndarray] = Lru(32)
         self._generic: np.ndarray | None = None  # normalised centred routing states of CALIBRATION
         self._sentence_center: np.ndarray | None = None  # mean whole-turn state of CALIBRATION
-        self._sentences: np.ndarray | None = None  # normalised centred trace sentence states
+        self._sentences: np.ndarray | None = None  # normalised centred trace sentence states (spare rows)
+        self._sentence_rows = 0  # rows of _sentences filled, for traces[:_sentence_rows]
         self.last_route: dict[str, Any] | None = None
 
     # --- layout -------------------------------------------------------------------------------
@@ -152,8 +153,8 @@ class TraceBank(TraceRouting, DirectMemory):
         self._traces_changed()
 
     def _traces_changed(self) -> None:
-        """Drop the whole-turn index built from the traces (added, dropped or loaded)."""
-        self._sentences = None
+        """Drop the whole-turn index built from the traces (dropped, reordered or loaded)."""
+        self._sentences, self._sentence_rows = None, 0
 
     def _or_hooked(self, layer: int) -> int:
         """A configured layer, or the hooked one for -1."""
@@ -256,7 +257,8 @@ class TraceBank(TraceRouting, DirectMemory):
             gone = self.traces.pop(victim)
             total -= _trace_bytes(gone)
             dropped.append(self._text(gone))
-        self._traces_changed()
+        if dropped:  # an append alone extends the index in place
+            self._traces_changed()
         return dropped
 
     def items(self) -> list[MemoryItem]:
