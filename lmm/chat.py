@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--mm-save-path", type=Path, metavar="PATH", help="where to save the memory at exit")
     mem.add_argument("--mm-path", type=Path, metavar="PATH", help="sets both the load and the save path")
     mem.add_argument("--incognito", action="store_true", help="no updates, nothing written")
+    mem.add_argument("--consolidate", action="store_true",
+                     help="gradient modules: after each reply, distil each statement into the module's weights")
 
     d = p.add_argument_group("decoding")
     d.add_argument("--seed", type=int, default=0, metavar="N", help="module init and sampling seed (default 0)")
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             local_files_only=args.local_files_only, memory=args.memory, memory_options=parse_options(args.mm_opt),
             layer=args.layer, seed=args.seed, system_prompt=args.system_prompt, decoding=decoding,
             activation_log_path=args.activation_log_path, log_activations=not args.no_activation_log,
+            consolidate=args.consolidate,
         )
         engine = ChatEngine(config, on_notice=_notice)
         session = ChatSession(engine, user=args.user, load_path=load_path, save_path=save_path,

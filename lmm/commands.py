@@ -208,7 +208,7 @@ def _memory(session: ChatSession, args: str) -> CommandResult:
         learned = "nothing yet"
     elif update.skipped:
         learned = f"last update skipped: {update.skipped}"
-    elif update.learner == "direct":
+    elif update.learner in ("direct", "consolidate"):
         learned = update.note or "nothing"
     else:
         hits = sorted(((ce, tok) for tok, ce, hit in update.token_losses if hit), reverse=True)
@@ -256,6 +256,8 @@ def _surprise(session: ChatSession, args: str) -> CommandResult:
     update = session.engine.wait_for_update()
     if update is None:
         return CommandResult("no message scored yet: say something first")
+    if update.learner == "consolidate":
+        return CommandResult(f"consolidation scores no message tokens; the last message: {update.note}")
     if update.learner == "direct":
         return CommandResult(f"{session.engine.module.name} writes messages into memory directly and scores no "
                              f"tokens; the last message: {update.note}")
@@ -279,6 +281,27 @@ def _incognito(session: ChatSession, args: str) -> CommandResult:
     if session.incognito:
         return CommandResult("incognito on: the memory does not learn and nothing is saved")
     return CommandResult("incognito off: the memory learns again and is saved at exit")
+
+
+@command("consolidate", "/consolidate [on|off]",
+         "on: consolidate this chat's statements into the module's weights, and each new one", choices=("on", "off"))
+def _consolidate(session: ChatSession, args: str) -> CommandResult:
+    engine, value = session.engine, args.lower()
+    if value == "status":
+        return CommandResult(f"consolidation is {'on' if engine.consolidating else 'off'}")
+    if value not in {"", "on", "off"}:
+        return _usage("consolidate")
+    if value == "off":
+        engine.set_consolidate(False)
+        return CommandResult("consolidation off: the module learns from surprising tokens again")
+    if session.incognito:
+        return CommandResult("incognito is on: nothing is learned, so nothing is consolidated", error=True)
+    queued = engine.consolidate_session()
+    if not engine.consolidating:
+        return CommandResult(f"{engine.module.name} is not a gradient module: it has nothing to consolidate into",
+                             error=True)
+    return CommandResult(f"consolidation on: {_plural(queued, 'earlier message')} consolidating in the background, "
+                         "each new statement after its reply")
 
 
 @command("user", "/user [NAME]", "switch to NAME's memory (saves the current user's first)", arg="user")

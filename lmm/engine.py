@@ -23,11 +23,12 @@ import numpy as np
 
 from lmm.backends import Backend, DecodingConfig, load_backend
 from lmm.chat_format import Message
+from lmm.consolidation import Consolidator, consolidate_message
 from lmm.events import EventLog
 from lmm.hook import MemoryHook
 from lmm.learning import LEARNERS, UpdateSummary
 from lmm.memory import create_memory, get_memory_spec
-from lmm.memory.base import MemoryItem, MemoryModule
+from lmm.memory.base import GradientMemory, MemoryItem, MemoryModule
 from lmm.models import artifacts_dir, resolve_model
 from lmm.state import (
     StateFileError,
@@ -58,6 +59,7 @@ class EngineConfig:
     activation_log_path: Path | None = Path("logs/memory_activations.jsonl")
     log_activations: bool = True
     background_updates: bool = True
+    consolidate: bool = False  # gradient modules: consolidate each statement (lmm.consolidation)
 
 
 @dataclass
@@ -128,6 +130,9 @@ class ChatEngine:
         self.module = create_memory(config.memory, hidden_size=backend.hidden_size, ops=backend.ops,
                                     seed=config.seed, options=config.memory_options)
         self._install(self.module)
+        self._consolidator: Consolidator | None = None
+        if config.consolidate:
+            self.set_consolidate(True)
         if config.decoding.strategy == "beam" and not backend.supports_beam:
             self.notice(f"{backend.name} has no beam search; decoding falls back to "
                         f"{config.decoding.resolved(False)}")
@@ -294,17 +299,19 @@ class ChatEngine:
         before = self._state if self._state is not None else self._snapshot()
         count = self.module.update_count
         self._claim()
-        summary = LEARNERS[self.module.kind](self.backend, self.module, self.hook, self.log, messages, index)
+        if self.consolidating:
+            summary = consolidate_message(self._consolidator_for(), self.module, self.hook, self.log, messages, index,
+                                          snapshot=self._snapshot, restore=self._restore)
+        else:
+            summary = LEARNERS[self.module.kind](self.backend, self.module, self.hook, self.log, messages, index)
         if summary.skipped is not None:
             return summary
         start = time.perf_counter()
         after = self._snapshot()
         bad = nonfinite_tensor(after)
         if bad is not None:
-            self.module.load_state_tensors(before)
+            self._restore(before)
             self.module.update_count = count
-            self.module.reset_learner()
-            self.backend.reset_session()
             summary.rolled_back = summary.skipped = bad
             return summary
         self._state = after
@@ -313,6 +320,55 @@ class ChatEngine:
             self._write_autosave(after)
             summary.autosave_seconds = time.perf_counter() - start
         return summary
+
+    def _restore(self, tensors: dict[str, np.ndarray]) -> None:
+        self.module.load_state_tensors(tensors)
+        self.module.reset_learner()
+        self.backend.reset_session()
+
+    # --- consolidation --------------------------------------------------------------------
+    @property
+    def consolidating(self) -> bool:
+        return self._consolidator is not None and isinstance(self.module, GradientMemory)
+
+    def set_consolidate(self, on: bool) -> bool:
+        """Consolidate each statement the user makes into the module's weights (gradient modules only);
+        return whether consolidation is on. A module of another kind keeps learning as it does."""
+        self.wait_for_update()
+        if on and not isinstance(self.module, GradientMemory):
+            self.notice(f"--consolidate applies to gradient modules; {self.module.name} learns as before")
+        self._consolidator = self._consolidator or Consolidator(self.backend) if on else None
+        return self.consolidating
+
+    def _consolidator_for(self) -> Consolidator:
+        assert self._consolidator is not None
+        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        self._consolidator.system = system  # questions are asked as this chat asks them
+        return self._consolidator
+
+    def consolidate_session(self) -> int:
+        """Consolidate every earlier user message of this chat (in the background); turn consolidation on
+        for the following ones. Return how many messages were queued."""
+        if not self.set_consolidate(True) or not self.learning:
+            return 0
+        messages = [dict(m) for m in self.chat_messages()]
+        indices = [i for i, m in enumerate(messages) if m["role"] == "user"]
+
+        def work() -> UpdateSummary:
+            summary = UpdateSummary(turn=len(messages) - 1, learner="consolidate")
+            for i in indices:
+                part = self._update(messages, i)
+                summary.consolidated += part.consolidated
+                summary.seconds += part.seconds
+                summary.rolled_back = summary.rolled_back or part.rolled_back
+            return summary
+
+        if self.config.background_updates:
+            self._pending = self._executor.submit(work)
+            self._updated_in_background = True
+        else:
+            self.last_update = work()
+        return len(indices)
 
     def _snapshot(self) -> dict[str, np.ndarray]:
         # Copies: a CPU tensor's numpy view would follow later in-place changes.

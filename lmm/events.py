@@ -1,6 +1,6 @@
 """Typed records of what the memory saw and learned, written as JSONL.
 
-Owns the record types (`ActivationRecord`, `UpdateRecord`) and `EventLog`, an append-only
+Owns the record types (`ActivationRecord`, `UpdateRecord`, `ConsolidationRecord`) and `EventLog`, an append-only
 writer that reports its first failure once on stderr and then stays quiet, so that a full
 disk or a bad path never breaks a chat. It does not decide what to log (the engine does).
 """
@@ -71,6 +71,31 @@ class UpdateRecord:
     kind: Literal["update"] = "update"
 
 
+@dataclass
+class ConsolidationRecord:
+    """One statement consolidated into a gradient module (`--consolidate`): the questions the frozen
+    model asked and answered reading it, those dropped (the answer did not use the statement), the
+    answers' mean CE without the statement before and after, the drift on held-out guard prompts,
+    whether the consolidation was undone for it, and its time."""
+
+    turn: int
+    backend: str
+    model: str
+    module: str
+    layer: int
+    statement: str
+    time: float
+    examples: list[list[str]] = field(default_factory=list)  # [question, answer]
+    dropped: list[list[str]] = field(default_factory=list)
+    loss: float | None = None
+    loss_after: float | None = None
+    drift: float | None = None
+    rolled_back: bool = False
+    updates: int = 0
+    update_seconds: float | None = None
+    kind: Literal["consolidation"] = "consolidation"
+
+
 def loss_by_decoded_token(tokens: list[str], losses: list[float]) -> dict[str, float]:
     """Map decoded tokens to their loss; repeats get `#2`, `#3`, ... suffixes."""
     out: dict[str, float] = {}
@@ -95,7 +120,7 @@ class EventLog:
     def enabled(self) -> bool:
         return not self._failed
 
-    def write(self, record: ActivationRecord | UpdateRecord) -> None:
+    def write(self, record: ActivationRecord | UpdateRecord | ConsolidationRecord) -> None:
         if self._failed:
             return
         with self._lock:

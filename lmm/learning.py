@@ -31,24 +31,27 @@ class UpdateSummary:
     """What one update did, for the stats line, `--json` output and benchmarks."""
 
     turn: int
-    learner: Literal["surprise", "direct"] = "surprise"
+    learner: Literal["surprise", "direct", "consolidate"] = "surprise"
     loss: float | None = None
     loss_after: float | None = None
     selected_tokens: list[str] = field(default_factory=list)
     token_losses: list[tuple[str, float, bool]] = field(default_factory=list)  # (token, CE, learned)
     stored: list[str] = field(default_factory=list)  # direct: the statements written
-    note: str | None = None  # direct: what was stored, or why nothing was
+    note: str | None = None  # direct, consolidate: one line on what was stored or learned, or why nothing was
     dropped: list[str] = field(default_factory=list)  # direct: what the memory let go to make room
     seconds: float = 0.0
     skipped: str | None = None
     rolled_back: str | None = None  # the tensor that was not finite after the update, which was undone
     autosave_seconds: float | None = None  # finiteness check + crash-safe autosave, when autosaving
+    consolidated: list[dict] = field(default_factory=list)  # consolidate: per statement, what was learned
 
     def to_json(self) -> dict:
         out: dict = {"learner": self.learner}
         if self.learner == "surprise":
             out.update(loss=self.loss, loss_after=self.loss_after, selected_tokens=self.selected_tokens,
                        n_selected=len(self.selected_tokens))
+        elif self.learner == "consolidate":
+            out.update(note=self.note, consolidated=self.consolidated)
         else:
             out.update(stored=self.stored, note=self.note, dropped=self.dropped)
         out.update(seconds=round(self.seconds, 4), skipped=self.skipped, rolled_back=self.rolled_back,

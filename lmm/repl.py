@@ -419,7 +419,7 @@ class Repl:
             return "no update"
         if update.skipped:
             return f"not learned ({update.skipped})"
-        if update.learner == "direct":
+        if update.learner in ("direct", "consolidate"):
             return f"update {update.seconds:.2f}s · {update.note}"
         learned = sum(1 for *_, hit in update.token_losses if hit)
         loss = f"loss {update.loss:.2f} -> {update.loss_after:.2f}" if update.loss is not None else "loss -"

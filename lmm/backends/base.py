@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -302,6 +303,20 @@ class Backend(ABC):
         if self._view is None:
             self._view = BackendView(self)
         return self._view
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Forwards and generation inside run the plain model: the hook is bypassed and no extra
+        keys/values are read. The session cache is dropped on the way in and out (it holds states
+        computed with the memory, or would hold states computed without it)."""
+        extra, bypass = self.extra_kv, self._bypass_hook
+        self.reset_session()
+        self.extra_kv, self._bypass_hook = None, True
+        try:
+            yield
+        finally:
+            self.extra_kv, self._bypass_hook = extra, bypass
+            self.reset_session()
 
     # --- built on the primitives ---------------------------------------------------
     def forward(self, ids: Sequence[int], cache: Any, phase: Phase, keep: Sequence[int] | None = None) -> Array:

@@ -69,6 +69,9 @@ class MlxOps:
     def softmax(self, x: mx.array, axis: int = -1) -> mx.array:
         return mx.softmax(x, axis=axis, precise=True)
 
+    def log_softmax(self, x: mx.array, axis: int = -1) -> mx.array:
+        return x - mx.logsumexp(x, axis=axis, keepdims=True)
+
     def sum(self, x: mx.array, axis: int | None = None, keepdims: bool = False) -> mx.array:
         return mx.sum(x, axis=axis, keepdims=keepdims)
 

@@ -94,6 +94,9 @@ class TorchOps:
     def softmax(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
         return torch.softmax(x, dim=axis)
 
+    def log_softmax(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        return torch.log_softmax(x, dim=axis)
+
     def sum(self, x: torch.Tensor, axis: int | None = None, keepdims: bool = False) -> torch.Tensor:
         return x.sum() if axis is None else x.sum(dim=axis, keepdim=keepdims)
 

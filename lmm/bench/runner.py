@@ -80,12 +80,14 @@ from lmm.bench.scenarios import Scenario, load_distractors, load_probes, load_sc
 from lmm.chat_format import Message
 from lmm.engine import ChatEngine
 from lmm.memory import get_memory_spec, memory_names
+from lmm.memory.base import GradientMemory
 from lmm.models import artifacts_dir
 
 NONE_ROW = "none"
 IN_CONTEXT_ROW = "in-context"
 IDENTITY = "identity"
 REFERENCE_ROWS = (NONE_ROW, IN_CONTEXT_ROW)
+CONSOLIDATE = "consolidate"  # row `<module>+consolidate`: the module with --consolidate
 
 # Answer and reply lengths were chosen by measured run time: docs/benchmarks.md.
 DEFAULT_ANSWER_TOKENS = 24
@@ -143,7 +145,10 @@ def select_modules(requested: Sequence[str] | None) -> list[str]:
     names = list(requested) if requested else memory_names()
     for name in names:
         if name not in REFERENCE_ROWS:
-            get_memory_spec(name)
+            base, plus, variant = name.partition("+")
+            spec = get_memory_spec(base)
+            if plus and (variant != CONSOLIDATE or not issubclass(spec.module_cls, GradientMemory)):
+                raise ValueError(f"row {name!r}: the only variant is <gradient module>+{CONSOLIDATE}")
     out: list[str] = []
     for name in names:
         if name not in out:
@@ -194,12 +199,14 @@ class BenchRunner:
         return len(self.probes) + len(self.row_names()) * (per_row + len(self.probes))
 
     def _options(self, row: str) -> dict[str, str]:
-        module = IDENTITY if row in REFERENCE_ROWS else row
+        module = IDENTITY if row in REFERENCE_ROWS else row.partition("+")[0]
         return dict(self.config.module_options.get(module, {}))
 
     def _engine(self, module: str, options: dict[str, str], max_tokens: int, learning: bool = True) -> ChatEngine:
-        return new_engine(self.backend, module, options, max_tokens=max_tokens, seed=self.config.seed,
-                          learning=learning, layer=self.config.layer,
+        """A fresh engine for a row's module (`<module>+consolidate`: with consolidation)."""
+        base, _, variant = module.partition("+")
+        return new_engine(self.backend, base, options, max_tokens=max_tokens, seed=self.config.seed,
+                          learning=learning, layer=self.config.layer, consolidate=variant == CONSOLIDATE,
                           **self.config.loop_guard())
 
     def run(self) -> dict[str, Any]:

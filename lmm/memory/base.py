@@ -281,6 +281,20 @@ class GradientMemory(MemoryModule):
 
         cfg: Any = config
         self.optimizer = make_optimizer(cfg.optimizer, ops, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._steps: int = cfg.steps
+
+    @contextmanager
+    def schedule(self, lr: float | None = None, steps: int | None = None) -> Iterator[None]:
+        """Learn with this learning rate and number of steps per update inside (None: the config's);
+        consolidation trains on its own schedule."""
+        cfg: Any = self.config
+        previous = self.optimizer.lr, self._steps
+        self.optimizer.lr = cfg.lr if lr is None else lr
+        self._steps = cfg.steps if steps is None else steps
+        try:
+            yield
+        finally:
+            self.optimizer.lr, self._steps = previous
 
     def trainable(self, batch: LearnBatch) -> Params:
         return dict(self.params)
@@ -292,11 +306,10 @@ class GradientMemory(MemoryModule):
         self.params.update(params)
 
     def learn(self, batch: LearnBatch) -> LearnResult:
-        cfg: Any = self.config
         params = self.trainable(batch)
         losses: list[float] = []
         grad_norms: dict[str, float] = {}
-        for step in range(cfg.steps):
+        for step in range(self._steps):
             loss, grads = self.ops.value_and_grad(batch.loss, params)
             losses.append(float(self.ops.to_numpy(loss)))
             if step == 0:
@@ -305,7 +318,7 @@ class GradientMemory(MemoryModule):
             self.ops.evaluate(params)
         self.commit(params, batch)
         self.update_count += 1
-        return LearnResult(steps=cfg.steps, losses=losses, grad_norms=grad_norms)
+        return LearnResult(steps=self._steps, losses=losses, grad_norms=grad_norms)
 
 
 @dataclass

@@ -212,8 +212,11 @@ class HashGradientMemory(GradientMemory):
             codes = self._hash(hidden)
             keys, src = self._keys, np.arange(self._keys.shape[0])
         else:
-            same = tuple(hidden.shape[:-1]) == (1, view.codes.shape[0])
-            codes = view.codes.reshape(1, -1) if same else self._hash(hidden)
+            codes = self._hash(hidden)
+            # The pass being trained keeps the scoring pass's codes (a sign bit near zero may flip
+            # between the two); any other sequence (a guard prompt) is hashed as it is.
+            if codes.shape == (1, view.codes.shape[0]) and np.mean(codes[0] == view.codes) > 0.9:
+                codes = view.codes.reshape(1, -1)
             keys, src = view.keys, view.src
         slot = self._lookup(codes.reshape(-1), keys)
         hit = slot >= 0
@@ -275,7 +278,7 @@ class HashGradientMemory(GradientMemory):
     def commit(self, params: Params, batch: LearnBatch) -> None:
         view = self._train
         cfg: HashGradientConfig = self.config  # type: ignore[assignment]
-        if view is None or cfg.steps == 0:
+        if view is None or self._steps == 0:
             return  # nothing was trained: writing zero rows would only cost memory
         n, k = self._keys.shape[0], view.trained.shape[0]
         stamp = int(self._stamps.max()) + 1 if n else 0

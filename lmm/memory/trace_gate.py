@@ -15,9 +15,12 @@ topics and a few languages. It holds no model code: `trace_bank` encodes and ask
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from lmm.types import ModelView
 
 # Sentences that tell something to keep (any person, any topic), written for the probe only:
 # none of them is a benchmark fact or shares a benchmark fact's wording.
@@ -151,3 +154,25 @@ def fit_probe(inform: np.ndarray, other: np.ndarray, shrinkage: float = 0.5) -> 
     direction = np.linalg.solve(cov, mu1 - mu0)
     direction /= max(float(np.sqrt((mu1 - mu0) @ direction)), 1e-9)  # projected class means at ±1/2
     return Probe(direction=direction.astype(np.float32), center=((mu1 + mu0) / 2).astype(np.float32))
+
+
+def content_state(model: ModelView, layer: int, text: str) -> np.ndarray:
+    """The gate's feature of `text` as the only user turn: its content tokens' mean state entering `layer`."""
+    turn = model.encode_turn(text)
+    states = model.ops.to_numpy(model.capture(turn.ids, hidden_layers=(layer,)).hidden[layer]).astype(np.float32)
+    return states[turn.content].mean(axis=0) if turn.content else states[-1]
+
+
+def gate_probe(model: ModelView, layer: int) -> Probe:
+    """The write gate of `model` at `layer`, fitted once per loaded model on the labelled examples."""
+    def fit() -> Probe:
+        def states(texts: Sequence[str]) -> np.ndarray:
+            return np.stack([content_state(model, layer, t) for t in texts])
+        return fit_probe(states(INFORM), states(OTHER))
+
+    return model.memo(("trace_bank.gate", layer), fit)
+
+
+def gate_score(model: ModelView, layer: int, text: str) -> float:
+    """How much `text` tells something (>= 0: it does, as the examples that inform)."""
+    return float(gate_probe(model, layer).score(content_state(model, layer, text))[0])

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmm.memory.trace_gate import INFORM, OTHER, Probe, fit_probe, sentences
+from lmm.memory.trace_gate import Probe, gate_probe, sentences
 from lmm.memory.traces import CALIBRATION, Lru, Trace, late_interaction, normalize
 from lmm.ops import Array, Ops
 from lmm.types import Captured, ModelView
@@ -82,16 +82,7 @@ class TraceRouting:
 
     def _probe(self) -> Probe:
         """The write gate, fitted once per loaded model on the labelled examples' states."""
-        def fit() -> Probe:
-            def states(texts: Sequence[str]) -> np.ndarray:
-                out = []
-                for text in texts:
-                    ids, start, content = self._turn(text)
-                    out.append(self._content_mean(self._encode(ids, start, content)[2], content))
-                return np.stack(out)
-            return fit_probe(states(INFORM), states(OTHER))
-
-        return self._model.memo(("trace_bank.gate", self.sentence_layer), fit)
+        return gate_probe(self._model, self.sentence_layer)
 
     def _calibration(self) -> tuple[np.ndarray, np.ndarray]:
         """Routing states (all content tokens) and sentence states of the neutral CALIBRATION

@@ -1,0 +1,364 @@
+"""Consolidation: a gradient module learns to answer questions about a statement with the statement gone.
+
+Owns the shared learner that every gradient module consolidates through (`Consolidator`): which
+sentences of a user message are statements (`lmm.memory.trace_gate`'s split and write gate), the
+questions the frozen model asks about a statement and the answers it gives while reading it (the
+teacher: a few-shot reading task, the statement in context), the student's loss (cross-entropy on
+those answers asked with no statement, plus KL to the frozen model on unrelated guard prompts), and
+the drift check that undoes a consolidation which moves other replies. The module's own learner
+trains it (`MemoryModule.learn` with this loss): its `trainable` chooses what a question touches
+(hash_gradient's rows, chaptered_bank's chapters), so routed modules write only the slots a question
+selects. Nothing here is written per fact: the few-shot examples and guard prompts are generic and
+share no benchmark wording. It does not schedule consolidation (the engine does) or save state.
+
+Why distil instead of training on the statement: a model trained on a statement's own tokens learns to
+complete the statement, not to answer questions about it (Allen-Zhu & Li, arXiv 2309.14316); the
+teacher-with-context / student-without recipe is Padmanabhan et al. (arXiv 2306.09306) and Cartridges
+(arXiv 2506.06266). docs/consolidation.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lmm.backends.base import Backend, DecodingConfig
+from lmm.chat_format import Message
+from lmm.events import ConsolidationRecord, EventLog
+from lmm.hook import MemoryHook
+from lmm.learning import UpdateSummary
+from lmm.memory.base import GradientMemory, LearnBatch
+from lmm.memory.trace_gate import gate_score, is_question, sentences
+from lmm.ops import Array, Params
+
+# A reading task the frozen model completes: statement, question, answer. Generic examples (the
+# write gate's kind of sentences), mixing forward and reverse questions and second-person answers.
+SHOTS = (
+    ("The spare key is under the blue flowerpot.", "Where is the spare key?",
+     "The spare key is under the blue flowerpot."),
+    ("My cousin Ignatius lives in Winnipeg.", "Who lives in Winnipeg?", "Your cousin Ignatius lives in Winnipeg."),
+    ("Our landlord is called Mr Haverford.", "What is our landlord called?", "Your landlord is called Mr Haverford."),
+    ("I started learning the accordion in September.", "Which instrument did I start learning?",
+     "You started learning the accordion in September."),
+    ("The book club meets on the second Tuesday of each month.", "When does the book club meet?",
+     "The book club meets on the second Tuesday of each month."),
+    ("Hey, I'm Rosalind, I just joined the team.", "Who just joined the team?", "You did: you are Rosalind."),
+)
+
+# Unrelated prompts the student must answer as the frozen model does: the first GUARD_TRAIN are in the
+# loss, the rest only judge drift. None is a benchmark probe.
+GUARD_PROMPTS = (
+    "What is the capital of Italy?", "How many minutes are in an hour?", "Name a primary colour.",
+    "What is 12 minus 5?", "Who painted the Mona Lisa?", "Write a short sentence about autumn.",
+    "What is the opposite of 'early'?", "How do bees make honey?", "What language is spoken in Brazil?",
+    "Explain what a noun is.", "Suggest a healthy breakfast.", "How many sides does a hexagon have?",
+    "Tell me a fun fact about octopuses.", "Hello! How are you today?", "What does a thermometer measure?",
+    "Write a greeting for a birthday card.",
+    "Which planet is closest to the sun?", "What is the main ingredient of guacamole?",
+    "How do you make a cup of tea?", "Thanks for your help!", "What is 9 plus 6?",
+    "Name an instrument with strings.",
+)
+GUARD_TRAIN = 16
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class ConsolidationConfig:
+    questions: int = 4  # questions sampled per statement (the first greedy, the others at `temperature`)
+    temperature: float = 0.8
+    epochs: int = 2  # passes over the questions, one module update per question and pass
+    answer_tokens: int = 32
+    guard_weight: float = 1.0  # weight of the KL to the frozen model on guard prompts
+    guard_tokens: int = 16  # length of the frozen replies the guard compares
+    max_drift: float = 0.05  # undo when more than this share of the held-out guard tokens change
+    lr: float = 0.0  # the module's learning rate during consolidation (0: its config's)
+    steps: int = 2  # optimizer steps per update (0: its config's)
+    guards_per_step: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.questions < 1:
+            raise ValueError(f"questions must be >= 1, got {self.questions}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.answer_tokens < 1 or self.guard_tokens < 1:
+            raise ValueError("answer_tokens and guard_tokens must be >= 1")
+        if self.guard_weight < 0:
+            raise ValueError(f"guard_weight must be >= 0, got {self.guard_weight}")
+        if not 0 <= self.max_drift <= 1:
+            raise ValueError(f"max_drift must be in [0, 1], got {self.max_drift}")
+        if self.lr < 0 or self.steps < 0:
+            raise ValueError("lr and steps must be >= 0 (0: the module's own)")
+        if not 0 <= self.guards_per_step <= GUARD_TRAIN:
+            raise ValueError(f"guards_per_step must be in [0, {GUARD_TRAIN}], got {self.guards_per_step}")
+
+
+@dataclass
+class Example:
+    """One chat the student learns: [system + user question] then the teacher's answer (targets)."""
+
+    question: str
+    answer: str
+    ids: list[int]
+    positions: list[int]  # output i of `ids` predicts targets[k] for positions[k] = i
+    targets: list[int]
+
+
+@dataclass
+class Guard:
+    """An unrelated prompt and the frozen model's reply: its log-distributions and greedy tokens."""
+
+    ids: list[int]
+    positions: list[int]
+    targets: list[int]  # the frozen greedy reply
+    logprobs: Array  # [len(positions), vocab], frozen
+
+
+@dataclass
+class ConsolidationSummary:
+    statement: str
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) learned
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # answers that did not use the statement
+    loss: float | None = None  # mean CE of the answers before consolidating
+    loss_after: float | None = None
+    drift: float | None = None  # share of held-out guard tokens whose greedy choice changed
+    rolled_back: bool = False
+    updates: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("loss", "loss_after", "drift", "seconds"):
+            if out[key] is not None:
+                out[key] = round(out[key], 4)
+        return out
+
+
+def _words(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text)}
+
+
+def uses_statement(statement: str, question: str, answer: str) -> bool:
+    """The answer carries a word of the statement that the question did not give (it read the statement)."""
+    return bool((_words(statement) - _words(question)) & _words(answer))
+
+
+class Consolidator:
+    """Consolidates statements into the gradient module of one backend (its frozen model teaches)."""
+
+    def __init__(self, backend: Backend, config: ConsolidationConfig | None = None,
+                 system: Sequence[Message] = ()) -> None:
+        self.backend = backend
+        self.config = config or ConsolidationConfig()
+        self.system = list(system)
+        self._guards: list[Guard] | None = None
+        self._turn = 0  # rotates the guard prompts across updates
+
+    # --- what to consolidate --------------------------------------------------------------
+    def statements(self, text: str, layer: int) -> list[str]:
+        """The sentences of a user message that tell something (trace_bank's write gate decides)."""
+        view = self.backend.view()
+        return [s for s in sentences(text) if not is_question(s) and gate_score(view, layer, s) >= 0.0]
+
+    # --- the teacher ---------------------------------------------------------------------------
+    def _complete(self, text: str, decoding: DecodingConfig) -> str:
+        """The frozen model's continuation of raw `text` up to the end of the line."""
+        fmt = self.backend.formatter
+        out: list[int] = []
+        for tok in self.backend.generate(fmt.encode(text), decoding):
+            out.append(tok)
+            if "\n" in fmt.decode(out):
+                break
+        return fmt.decode(out).split("\n")[0].strip()
+
+    def examples(self, statement: str) -> tuple[list[Example], list[tuple[str, str]]]:
+        """Questions the frozen model asks about `statement`, each with the answer it gives reading it;
+        and the (question, answer) pairs dropped because the answer did not use the statement."""
+        cfg = self.config
+        kept: list[Example] = []
+        dropped: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        # One shot order: every generation shares the few-shot head, which the session cache then reuses.
+        head = "".join(f"Statement: {s}\nQuestion: {q}\nAnswer: {a}\n\n" for s, q, a in SHOTS)
+        with self.backend.frozen():
+            for k in range(cfg.questions):
+                ask = DecodingConfig(strategy="greedy" if k == 0 else "sample", temperature=cfg.temperature,
+                                     max_tokens=cfg.answer_tokens, seed=cfg.seed + k, repetition_penalty=1.0)
+                question = self._complete(f"{head}Statement: {statement}\nQuestion:", ask)
+                if not question.endswith("?") or question.lower() in seen:
+                    continue
+                seen.add(question.lower())
+                answer = self._complete(f"{head}Statement: {statement}\nQuestion: {question}\nAnswer:",
+                                        DecodingConfig(strategy="greedy", max_tokens=cfg.answer_tokens,
+                                                       repetition_penalty=1.0))
+                if not answer or not uses_statement(statement, question, answer):
+                    dropped.append((question, answer))
+                    continue
+                kept.append(self.example(question, answer))
+        return kept, dropped
+
+    def _end_id(self) -> int:
+        """The token that ends an assistant turn (the template's, found by rendering one)."""
+        fmt = self.backend.formatter
+        msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        tail = fmt.encode(fmt.render(msgs, add_generation_prompt=False))
+        for tok in reversed(tail):
+            if tok in fmt.stop_ids:
+                return tok
+        return min(fmt.stop_ids)
+
+    # --- the guard -------------------------------------------------------------------------------
+    def guards(self) -> list[Guard]:
+        """Frozen replies to the guard prompts: computed once per loaded model and system prompt."""
+        if self._guards is None:
+            key = ("consolidation.guards", tuple(m["content"] for m in self.system), self.config.guard_tokens)
+            self._guards = self.backend.view().memo(key, self._frozen_replies)
+        return self._guards
+
+    def _frozen_replies(self) -> list[Guard]:
+        fmt, ops, out = self.backend.formatter, self.backend.ops, []
+        greedy = DecodingConfig(strategy="greedy", max_tokens=self.config.guard_tokens, repetition_penalty=1.0)
+        with self.backend.frozen():
+            for prompt in GUARD_PROMPTS:
+                ids = fmt.generation_ids([*self.system, {"role": "user", "content": prompt}])
+                reply = list(self.backend.generate(ids, greedy)) or [self._end_id()]
+                full = ids + reply
+                positions = list(range(len(ids) - 1, len(full) - 1))
+                logits = self.backend.forward(full, self.backend.new_cache(), "score", keep=positions)
+                out.append(Guard(full, positions, reply, ops.log_softmax(logits, -1)))
+        return out
+
+    def drift(self) -> float:
+        """Share of the held-out guard replies' tokens whose greedy choice the memory changes."""
+        ops, changed, total = self.backend.ops, 0, 0
+        for g in self.guards()[GUARD_TRAIN:]:
+            logits = self.backend.forward(g.ids, self.backend.new_cache(), "score", keep=g.positions)
+            choice = ops.to_numpy(logits).argmax(-1)
+            changed += int((choice != np.asarray(g.targets)).sum())
+            total += len(g.targets)
+        return changed / max(total, 1)
+
+    # --- the student -----------------------------------------------------------------------------
+    def _answer_loss(self, ex: Example) -> Array:
+        ops = self.backend.ops
+        logits = self.backend.forward(ex.ids, self.backend.new_cache(), "train", keep=ex.positions)
+        return ops.mean(ops.cross_entropy(logits, ops.asarray(ex.targets, dtype="int32")))
+
+    def _guard_loss(self, g: Guard) -> Array:
+        ops = self.backend.ops
+        logits = self.backend.forward(g.ids, self.backend.new_cache(), "train", keep=g.positions)
+        p = ops.exp(g.logprobs)
+        return ops.mean(ops.sum(p * (g.logprobs - ops.log_softmax(logits, -1)), axis=-1))
+
+    def _mean_answer_loss(self, examples: Sequence[Example]) -> float:
+        ops = self.backend.ops
+        return float(np.mean([float(ops.to_numpy(self._score_loss(ex))) for ex in examples]))
+
+    def _score_loss(self, ex: Example) -> Array:
+        ops = self.backend.ops
+        logits = self.backend.forward(ex.ids, self.backend.new_cache(), "score", keep=ex.positions)
+        return ops.mean(ops.cross_entropy(logits, ops.asarray(ex.targets, dtype="int32")))
+
+    def consolidate(self, module: GradientMemory, hook: MemoryHook, statement: str,
+                    restore: Callable[[], None] | None = None) -> ConsolidationSummary:
+        """Teach `module` to answer the frozen model's questions about `statement` without it. `restore`
+        puts the module back as it was, when the drift check fails."""
+        start = time.perf_counter()
+        examples, dropped = self.examples(statement)
+        summary = self.learn(module, hook, examples, statement=statement, restore=restore)
+        summary.dropped = dropped
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def learn(self, module: GradientMemory, hook: MemoryHook, examples: Sequence[Example], *, statement: str = "",
+              restore: Callable[[], None] | None = None) -> ConsolidationSummary:
+        """The student's part: module updates on `examples` (answer CE + KL on guard prompts), then the
+        drift check on the held-out guard prompts."""
+        start = time.perf_counter()
+        cfg = self.config
+        summary = ConsolidationSummary(statement, examples=[(e.question, e.answer) for e in examples])
+        if not examples:
+            return summary
+        guards = self.guards()[:GUARD_TRAIN]
+        summary.loss = self._mean_answer_loss(examples)
+        with module.schedule(cfg.lr or None, cfg.steps or None):
+            for _ in range(cfg.epochs):
+                for ex in examples:
+                    chosen = [guards[(self._turn + j) % len(guards)] for j in range(cfg.guards_per_step)]
+                    self._turn += cfg.guards_per_step
+                    self.backend.forward(ex.ids, self.backend.new_cache(), "score", keep=[len(ex.ids) - 1])
+                    hidden = hook.captured[0] if hook.captured is not None else None
+
+                    def loss(params: Params, ex: Example = ex, chosen: list[Guard] = chosen) -> Array:
+                        with module.bound(params):
+                            total = self._answer_loss(ex)
+                            for g in chosen:
+                                total = total + cfg.guard_weight / len(chosen) * self._guard_loss(g)
+                        return total
+
+                    module.learn(LearnBatch(input_ids=ex.ids, positions=ex.positions, target_ids=ex.targets,
+                                            hidden=hidden, loss=loss))
+                    summary.updates += 1
+        summary.loss_after = self._mean_answer_loss(examples)
+        summary.drift = self.drift()
+        if summary.drift > cfg.max_drift and restore is not None:
+            restore()
+            summary.rolled_back = True
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def example(self, question: str, answer: str) -> Example:
+        """`question` asked in this chat's format, `answer` (then the end of the turn) as its targets."""
+        fmt = self.backend.formatter
+        prompt = fmt.generation_ids([*self.system, {"role": "user", "content": question}])
+        reply = fmt.encode(answer) + [self._end_id()]
+        ids = prompt + reply[:-1]
+        return Example(question, answer, ids, list(range(len(prompt) - 1, len(ids))), reply)
+
+
+def log_consolidation(log: EventLog, summary: ConsolidationSummary, *, turn: int, backend: Backend,
+                      module: GradientMemory, layer: int) -> None:
+    log.write(ConsolidationRecord(
+        turn=turn, backend=backend.name, model=backend.model_id, module=module.name, layer=layer,
+        statement=summary.statement, examples=[list(e) for e in summary.examples],
+        dropped=[list(e) for e in summary.dropped], loss=summary.loss, loss_after=summary.loss_after,
+        drift=summary.drift, rolled_back=summary.rolled_back, updates=summary.updates,
+        update_seconds=summary.seconds, time=time.time()))
+
+
+def consolidate_message(consolidator: Consolidator, module: GradientMemory, hook: MemoryHook, log: EventLog,
+                        messages: Sequence[Message], index: int, *, snapshot: Callable[[], Any],
+                        restore: Callable[[Any], None]) -> UpdateSummary:
+    """The learner of `--consolidate`: each statement of user message `index`, consolidated in turn
+    (`snapshot`/`restore` let the drift check undo one statement without undoing the others)."""
+    start = time.perf_counter()
+    summary = UpdateSummary(turn=index, learner="consolidate")
+    statements = consolidator.statements(messages[index]["content"], hook.layer)
+    if not statements:
+        summary.skipped = "no statement to consolidate"
+    for statement in statements:
+        before = snapshot()
+        result = consolidator.consolidate(module, hook, statement, restore=lambda before=before: restore(before))
+        log_consolidation(log, result, turn=index, backend=consolidator.backend, module=module, layer=hook.layer)
+        summary.consolidated.append(result.to_json())
+    consolidator.backend.reset_session()  # the session cache was computed by the old memory
+    summary.note = "; ".join(_note(c) for c in summary.consolidated) or f"not consolidated ({summary.skipped})"
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _note(c: dict[str, Any]) -> str:
+    head = f"consolidated {c['statement']!r}"
+    if not c["examples"]:
+        return f"{head}: no question the frozen model answered from it"
+    loss = f"{c['loss']:.2f} -> {c['loss_after']:.2f}" if c["loss"] is not None else "-"
+    if c["rolled_back"]:
+        return f"{head}: undone, it changed {c['drift']:.0%} of unrelated replies' tokens (loss {loss})"
+    return f"{head} ({len(c['examples'])} questions, loss {loss}, drift {c['drift']:.0%})"
