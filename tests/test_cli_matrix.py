@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lmm.memory import memory_names
+from lmm.memory import get_memory_spec, memory_names
+from lmm.memory.base import GradientMemory
 from lmm.state import read_state
 from lmm.testing import run_chat, tiny_chat_args
 
@@ -34,3 +35,19 @@ def test_module_turn_save_reload(tiny_models, tmp_path: Path, backend_name: str,
     assert f"loaded memory from {state}" in err and "Traceback" not in err
     assert json.loads(second.stdout.decode().splitlines()[-1])["update"] is not None
     assert read_state(state)[0].update_count >= header.update_count
+
+
+@pytest.mark.parametrize("module", [m for m in memory_names()
+                                    if issubclass(get_memory_spec(m).module_cls, GradientMemory)])
+def test_consolidate_turn_and_save(tiny_models, tmp_path: Path, backend_name: str, module: str) -> None:
+    """`--consolidate` with background updates: the update after the reply is a consolidation, and the
+    memory is saved at exit after it."""
+    state = tmp_path / f"{module}.safetensors"
+    args = [*tiny_chat_args(tiny_models, backend_name), "--memory", module, "--json", "--mm-path", str(state),
+            "--consolidate"]
+    run = run_chat(args, b"My favourite tree is the larch.\n", tmp_path)
+    err = run.stderr.decode()
+    assert run.returncode == 0 and "Traceback" not in err, err[-2000:]
+    update = json.loads(run.stdout.decode().splitlines()[-1])["update"]
+    assert update["learner"] == "consolidate" and update["note"]
+    assert read_state(state)[0].module == module
