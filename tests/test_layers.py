@@ -1,7 +1,7 @@
 """The import graph of `lmm/`: dependencies point one way, and no two packages import each other.
 
 Layers, top to bottom: the CLI and REPL (chat, repl, commands), the session, the engine (engine,
-learning, hook), the benchmark beside them, then `backends` and `memory`, which meet only through
+learning, consolidation, hook), the benchmark beside them, then `backends` and `memory`, which meet only through
 the shared types below them (types, ops, optim, chat_format, state, lock, events, models, testing).
 Every `import` is read from the source, lazy ones inside functions included.
 """
@@ -18,7 +18,7 @@ LAYERS = [
     {"chat", "repl", "commands"},
     {"session"},
     {"bench"},
-    {"engine", "learning", "hook"},
+    {"engine", "learning", "consolidation", "hook"},
     {"backends", "memory"},
     {"types", "ops", "optim", "chat_format", "state", "lock", "events", "models", "testing", "__init__"},
 ]
