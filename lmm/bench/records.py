@@ -27,6 +27,9 @@ def turn_record(turn: TurnResult) -> dict[str, Any]:
         "update_seconds": update.seconds if learned else None,
         "n_selected": len(update.selected_tokens) if update is not None else 0,
         "update_skipped": update.skipped if update is not None else None,
+        # consolidation: per statement, the questions learned, drift, whether it was undone, seconds
+        "consolidated": [{k: c[k] for k in ("statement", "examples", "loss", "loss_after", "drift", "rolled_back",
+                                            "seconds")} for c in update.consolidated] if update is not None else [],
     }
 
 
@@ -108,4 +111,10 @@ def summarize_row(row: dict[str, Any], plain_tps: float | None = None) -> dict[s
         "load_median": nan_to_none(median(loads)),
         "wall_seconds": row.get("wall_seconds"),
     }
+    consolidated = [c for t in turns for c in t.get("consolidated", [])]
+    if consolidated:  # --consolidate rows: statements consolidated, undone by the drift check, seconds each
+        row["summary"].update(
+            consolidated=len(consolidated), consolidation_undone=sum(c["rolled_back"] for c in consolidated),
+            consolidation_no_question=sum(not c["examples"] for c in consolidated),
+            consolidation_seconds_median=nan_to_none(median([c["seconds"] for c in consolidated])))
     return row["summary"]
