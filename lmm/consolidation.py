@@ -51,17 +51,19 @@ SHOTS = (
 )
 
 # Unrelated prompts the student must answer as the frozen model does: the first GUARD_TRAIN are in the
-# loss, the rest only judge drift. None is a benchmark probe.
+# loss, the rest only judge drift. None is a benchmark or development prompt.
 GUARD_PROMPTS = (
     "What is the capital of Italy?", "How many minutes are in an hour?", "Name a primary colour.",
-    "What is 12 minus 5?", "Who painted the Mona Lisa?", "Write a short sentence about autumn.",
+    "Subtract 5 from 12.", "Who painted the Mona Lisa?", "Write a short sentence about autumn.",
     "What is the opposite of 'early'?", "How do bees make honey?", "What language is spoken in Brazil?",
     "Explain what a noun is.", "Suggest a healthy breakfast.", "How many sides does a hexagon have?",
     "Tell me a fun fact about octopuses.", "Hello! How are you today?", "What does a thermometer measure?",
     "Write a greeting for a birthday card.",
     "Which planet is closest to the sun?", "What is the main ingredient of guacamole?",
-    "How do you make a cup of tea?", "Thanks for your help!", "What is 9 plus 6?",
-    "Name an instrument with strings.",
+    "How do you make a cup of tea?", "Thanks for your help!", "Add 9 and 6.",
+    "Name an instrument with strings.", "What colour is a ripe banana?", "Who wrote the Odyssey?",
+    "Give me a word that rhymes with 'light'.", "Name a vegetable that is orange.",
+    "Describe a forest in one sentence.", "What is the tallest animal?",
 )
 GUARD_TRAIN = 16
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -75,10 +77,11 @@ class ConsolidationConfig:
     answer_tokens: int = 32
     guard_weight: float = 1.0  # weight of the KL to the frozen model on guard prompts
     guard_tokens: int = 16  # length of the frozen replies the guard compares
-    max_drift: float = 0.05  # undo when more than this share of the held-out guard tokens change
+    max_drift: float = 0.05  # undo when more than this share of the held-out guard replies change (12: none)
     lr: float = 0.0  # the module's learning rate during consolidation (0: its config's)
     steps: int = 2  # optimizer steps per update (0: its config's)
     guards_per_step: int = 2
+    drift_tokens: int = 8  # reply tokens the drift check generates per held-out guard prompt
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +93,8 @@ class ConsolidationConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.answer_tokens < 1 or self.guard_tokens < 1:
             raise ValueError("answer_tokens and guard_tokens must be >= 1")
+        if not 1 <= self.drift_tokens <= self.guard_tokens:
+            raise ValueError(f"drift_tokens must be in [1, guard_tokens={self.guard_tokens}], got {self.drift_tokens}")
         if self.guard_weight < 0:
             raise ValueError(f"guard_weight must be >= 0, got {self.guard_weight}")
         if not 0 <= self.max_drift <= 1:
@@ -128,7 +133,7 @@ class ConsolidationSummary:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # answers that did not use the statement
     loss: float | None = None  # mean CE of the answers before consolidating
     loss_after: float | None = None
-    drift: float | None = None  # share of held-out guard tokens whose greedy choice changed
+    drift: float | None = None  # share of held-out guard replies the memory changes
     rolled_back: bool = False
     updates: int = 0
     seconds: float = 0.0
@@ -236,14 +241,20 @@ class Consolidator:
         return out
 
     def drift(self) -> float:
-        """Share of the held-out guard replies' tokens whose greedy choice the memory changes."""
-        ops, changed, total = self.backend.ops, 0, 0
-        for g in self.guards()[GUARD_TRAIN:]:
-            logits = self.backend.forward(g.ids, self.backend.new_cache(), "score", keep=g.positions)
-            choice = ops.to_numpy(logits).argmax(-1)
-            changed += int((choice != np.asarray(g.targets)).sum())
-            total += len(g.targets)
-        return changed / max(total, 1)
+        """Share of the held-out guard prompts whose greedy reply (its first `drift_tokens`), generated with
+        the memory the way a chat generates, differs from the frozen model's. Generated, not scored: a
+        module that routes by the prefix (chaptered_bank) reads other slots while generating than in one
+        scoring pass, and a scored check missed changes that every reply showed."""
+        n = self.config.drift_tokens
+        greedy = DecodingConfig(strategy="greedy", max_tokens=n, repetition_penalty=1.0)
+        held_out = self.guards()[GUARD_TRAIN:]
+        changed = 0
+        for g in held_out:
+            self.backend.reset_session()
+            reply = list(self.backend.generate(g.ids[: len(g.ids) - len(g.targets)], greedy))
+            changed += reply != g.targets[:n]
+        self.backend.reset_session()
+        return changed / max(len(held_out), 1)
 
     # --- the student -----------------------------------------------------------------------------
     def _answer_loss(self, ex: Example) -> Array:

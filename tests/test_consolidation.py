@@ -21,7 +21,7 @@ from lmm.session import ChatSession
 
 GRADIENT = [n for n in memory_names() if issubclass(get_memory_spec(n).module_cls, GradientMemory)]
 # Strong enough to move a random tiny model in a few updates; the defaults are tuned on SmolLM2.
-FAST = dict(lr=0.05, steps=3, epochs=3, guards_per_step=1, guard_tokens=4, max_drift=1.0)
+FAST = dict(lr=0.05, steps=3, epochs=3, guards_per_step=1, guard_tokens=4, drift_tokens=4, max_drift=1.0)
 
 
 def engine_for(backend, memory: str, tmp_path: Path, **overrides) -> ChatEngine:
@@ -81,7 +81,7 @@ def test_answers_must_use_the_statement() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("questions", 0), ("epochs", 0), ("max_drift", 1.5), ("lr", -1.0),
-                                         ("guard_weight", -0.1), ("temperature", 0.0)])
+                                         ("guard_weight", -0.1), ("temperature", 0.0), ("drift_tokens", 99)])
 def test_config_names_the_bad_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         ConsolidationConfig(**{field: value})
