@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--incognito", action="store_true", help="no updates, nothing written")
     mem.add_argument("--consolidate", action="store_true",
                      help="gradient modules: after each reply, distil each statement into the module's weights")
+    mem.add_argument("--consolidate-opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="a consolidation option, repeatable (e.g. max_drift=0.2; see docs/consolidation.md)")
 
     d = p.add_argument_group("decoding")
     d.add_argument("--seed", type=int, default=0, metavar="N", help="module init and sampling seed (default 0)")
@@ -90,12 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_options(pairs: list[str]) -> dict[str, str]:
+def parse_options(pairs: list[str], flag: str = "--mm-opt") -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--mm-opt expects key=value, got {pair!r}")
+            raise ValueError(f"{flag} expects key=value, got {pair!r}")
         out[key.strip().replace("-", "_")] = value.strip()
     return out
 
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             layer=args.layer, seed=args.seed, system_prompt=args.system_prompt, decoding=decoding,
             activation_log_path=args.activation_log_path, log_activations=not args.no_activation_log,
             consolidate=args.consolidate,
+            consolidation_options=parse_options(args.consolidate_opt, "--consolidate-opt"),
         )
         engine = ChatEngine(config, on_notice=_notice)
         session = ChatSession(engine, user=args.user, load_path=load_path, save_path=save_path,

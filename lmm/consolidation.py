@@ -84,6 +84,21 @@ class ConsolidationConfig:
     drift_tokens: int = 8  # reply tokens the drift check generates per held-out guard prompt
     seed: int = 0
 
+    @classmethod
+    def from_strings(cls, options: dict[str, str]) -> ConsolidationConfig:
+        """From `key=value` strings (`--consolidate-opt`), each coerced to its field's type."""
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for key, raw in options.items():
+            if not hasattr(defaults, key):
+                raise ValueError(f"unknown consolidation option {key!r} (known: {', '.join(sorted(vars(defaults)))})")
+            kind = type(getattr(defaults, key))
+            try:
+                values[key] = kind(raw)
+            except ValueError:
+                raise ValueError(f"consolidation option {key}={raw!r}: expected {kind.__name__}") from None
+        return cls(**values)
+
     def __post_init__(self) -> None:
         if self.questions < 1:
             raise ValueError(f"questions must be >= 1, got {self.questions}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from lmm.backends import Backend, DecodingConfig, load_backend
 from lmm.chat_format import Message
-from lmm.consolidation import Consolidator, consolidate_message
+from lmm.consolidation import ConsolidationConfig, Consolidator, consolidate_message
 from lmm.events import EventLog
 from lmm.hook import MemoryHook
 from lmm.learning import LEARNERS, UpdateSummary
@@ -60,6 +60,7 @@ class EngineConfig:
     log_activations: bool = True
     background_updates: bool = True
     consolidate: bool = False  # gradient modules: consolidate each statement (lmm.consolidation)
+    consolidation_options: dict[str, str] = field(default_factory=dict)  # ConsolidationConfig fields
 
 
 @dataclass
@@ -131,6 +132,7 @@ class ChatEngine:
                                     seed=config.seed, options=config.memory_options)
         self._install(self.module)
         self._consolidator: Consolidator | None = None
+        self._consolidation = ConsolidationConfig.from_strings(config.consolidation_options)  # bad value: fails here
         if config.consolidate:
             self.set_consolidate(True)
         if config.decoding.strategy == "beam" and not backend.supports_beam:
@@ -337,7 +339,7 @@ class ChatEngine:
         self.wait_for_update()
         if on and not isinstance(self.module, GradientMemory):
             self.notice(f"--consolidate applies to gradient modules; {self.module.name} learns as before")
-        self._consolidator = self._consolidator or Consolidator(self.backend) if on else None
+        self._consolidator = self._consolidator or Consolidator(self.backend, self._consolidation) if on else None
         return self.consolidating
 
     def _consolidator_for(self) -> Consolidator:

@@ -141,3 +141,12 @@ def test_bench_rows_with_consolidation() -> None:
     for bad in ("trace_bank+consolidate", "lora_on_user+distil"):
         with pytest.raises(ValueError, match="consolidate"):
             select_modules([bad])
+
+
+def test_options_from_strings() -> None:
+    config = ConsolidationConfig.from_strings({"max_drift": "0.2", "questions": "2"})
+    assert config.max_drift == 0.2 and config.questions == 2
+    with pytest.raises(ValueError, match="unknown consolidation option 'nope'"):
+        ConsolidationConfig.from_strings({"nope": "1"})
+    with pytest.raises(ValueError, match="questions"):
+        ConsolidationConfig.from_strings({"questions": "many"})

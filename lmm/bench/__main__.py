@@ -26,6 +26,7 @@ from typing import Any
 from lmm.backends import BackendError
 from lmm.bench.engines import parse_module_options
 from lmm.bench.runner import DEFAULT_ANSWER_TOKENS, DEFAULT_REPLY_TOKENS, BenchConfig
+from lmm.consolidation import ConsolidationConfig
 from lmm.models import ModelError
 
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="run only the first N scenarios")
     p.add_argument("--mm-opt", action="append", default=[], metavar="MODULE.KEY=VALUE",
                    help="module option (repeatable)")
+    p.add_argument("--consolidate-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="consolidation option for the <module>+consolidate rows (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: artifacts/bench)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
                    help=f"tokens for answers to queries and probes (default {DEFAULT_ANSWER_TOKENS})")
@@ -194,7 +197,9 @@ def run_recall(args: argparse.Namespace) -> int:
         references=not args.no_references, lifelong=args.lifelong, sessions=args.sessions, layer=args.layer,
         threads=args.threads, repetition_penalty=args.repetition_penalty,
         no_repeat_ngram=args.no_repeat_ngram,
+        consolidation_options=parse_module_options(args.consolidate_opt, scoped=False),  # type: ignore[arg-type]
     )
+    ConsolidationConfig.from_strings(config.consolidation_options)  # a bad option fails before the run
     start = time.perf_counter()
     results = run_benchmark(config, progress=not args.no_progress)
     paths = write_outputs(results, config.out_dir())

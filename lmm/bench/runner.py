@@ -117,6 +117,7 @@ class BenchConfig:
     threads: int = 1  # torch intra-op threads; 0: torch's default
     repetition_penalty: float = 1.1  # the chat's default decoding; 1.0: plain greedy
     no_repeat_ngram: int = 0
+    consolidation_options: dict[str, str] = field(default_factory=dict)  # rows <module>+consolidate
 
     def loop_guard(self) -> dict[str, Any]:
         """The decoding options against loops, as `new_engine` takes them."""
@@ -207,6 +208,7 @@ class BenchRunner:
         base, _, variant = module.partition("+")
         return new_engine(self.backend, base, options, max_tokens=max_tokens, seed=self.config.seed,
                           learning=learning, layer=self.config.layer, consolidate=variant == CONSOLIDATE,
+                          consolidation_options=self.config.consolidation_options,
                           **self.config.loop_guard())
 
     def run(self) -> dict[str, Any]:
