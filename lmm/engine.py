@@ -289,7 +289,10 @@ class ChatEngine:
             self.last_turn.update = self.last_update = UpdateSummary(turn=index, skipped="incognito")
             return
         messages = [dict(m) for m in self.chat_messages()]
-        work = lambda: self._update(messages, index)  # noqa: E731
+        self._submit(lambda: self._update(messages, index))
+
+    def _submit(self, work: Callable[[], UpdateSummary]) -> None:
+        """Run an update in the background (the default) or now."""
         if self.config.background_updates:
             self._pending = self._executor.submit(work)
             self._updated_in_background = True
@@ -357,19 +360,14 @@ class ChatEngine:
         indices = [i for i, m in enumerate(messages) if m["role"] == "user"]
 
         def work() -> UpdateSummary:
-            summary = UpdateSummary(turn=len(messages) - 1, learner="consolidate")
-            for i in indices:
-                part = self._update(messages, i)
-                summary.consolidated += part.consolidated
-                summary.seconds += part.seconds
-                summary.rolled_back = summary.rolled_back or part.rolled_back
-            return summary
+            parts = [self._update(messages, i) for i in indices]
+            return UpdateSummary(turn=len(messages) - 1, learner="consolidate",
+                                 consolidated=[c for p in parts for c in p.consolidated],
+                                 note="; ".join(p.note for p in parts if p.note), seconds=sum(p.seconds for p in parts),
+                                 rolled_back=next((p.rolled_back for p in parts if p.rolled_back), None))
 
-        if self.config.background_updates:
-            self._pending = self._executor.submit(work)
-            self._updated_in_background = True
-        else:
-            self.last_update = work()
+        if indices:
+            self._submit(work)
         return len(indices)
 
     def _snapshot(self) -> dict[str, np.ndarray]:
