@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,10 @@ from lmm.chat_format import Message
 from lmm.events import ConsolidationRecord, EventLog
 from lmm.hook import MemoryHook
 from lmm.learning import UpdateSummary
-from lmm.memory.base import GradientMemory, LearnBatch
+from lmm.memory.base import GradientMemory, LearnBatch, coerce_option
 from lmm.memory.trace_gate import gate_score, is_question, sentences
 from lmm.ops import Array, Params
+from lmm.types import Phase
 
 # A reading task the frozen model completes: statement, question, answer. Generic examples (the
 # write gate's kind of sentences), mixing forward and reverse questions and second-person answers.
@@ -87,17 +89,11 @@ class ConsolidationConfig:
     @classmethod
     def from_strings(cls, options: dict[str, str]) -> ConsolidationConfig:
         """From `key=value` strings (`--consolidate-opt`), each coerced to its field's type."""
-        defaults = cls()
-        values: dict[str, Any] = {}
-        for key, raw in options.items():
-            if not hasattr(defaults, key):
-                raise ValueError(f"unknown consolidation option {key!r} (known: {', '.join(sorted(vars(defaults)))})")
-            kind = type(getattr(defaults, key))
-            try:
-                values[key] = kind(raw)
-            except ValueError:
-                raise ValueError(f"consolidation option {key}={raw!r}: expected {kind.__name__}") from None
-        return cls(**values)
+        defaults = {f.name: f.default for f in fields(cls)}
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown consolidation option {unknown[0]!r} (known: {', '.join(sorted(defaults))})")
+        return cls(**{key: coerce_option(raw, defaults[key], key) for key, raw in options.items()})
 
     def __post_init__(self) -> None:
         if self.questions < 1:
@@ -178,7 +174,6 @@ class Consolidator:
         self.backend = backend
         self.config = config or ConsolidationConfig()
         self.system = list(system)
-        self._guards: list[Guard] | None = None
         self._turn = 0  # rotates the guard prompts across updates
 
     # --- what to consolidate --------------------------------------------------------------
@@ -224,6 +219,7 @@ class Consolidator:
                 kept.append(self.example(question, answer))
         return kept, dropped
 
+    @cached_property
     def _end_id(self) -> int:
         """The token that ends an assistant turn (the template's, found by rendering one)."""
         fmt = self.backend.formatter
@@ -237,10 +233,8 @@ class Consolidator:
     # --- the guard -------------------------------------------------------------------------------
     def guards(self) -> list[Guard]:
         """Frozen replies to the guard prompts: computed once per loaded model and system prompt."""
-        if self._guards is None:
-            key = ("consolidation.guards", tuple(m["content"] for m in self.system), self.config.guard_tokens)
-            self._guards = self.backend.view().memo(key, self._frozen_replies)
-        return self._guards
+        key = ("consolidation.guards", tuple(m["content"] for m in self.system), self.config.guard_tokens)
+        return self.backend.view().memo(key, self._frozen_replies)
 
     def _frozen_replies(self) -> list[Guard]:
         fmt, ops, out = self.backend.formatter, self.backend.ops, []
@@ -248,7 +242,7 @@ class Consolidator:
         with self.backend.frozen():
             for prompt in GUARD_PROMPTS:
                 ids = fmt.generation_ids([*self.system, {"role": "user", "content": prompt}])
-                reply = list(self.backend.generate(ids, greedy)) or [self._end_id()]
+                reply = list(self.backend.generate(ids, greedy)) or [self._end_id]
                 full = ids + reply
                 positions = list(range(len(ids) - 1, len(full) - 1))
                 logits = self.backend.forward(full, self.backend.new_cache(), "score", keep=positions)
@@ -264,17 +258,17 @@ class Consolidator:
         greedy = DecodingConfig(strategy="greedy", max_tokens=n, repetition_penalty=1.0)
         held_out = self.guards()[GUARD_TRAIN:]
         changed = 0
-        for g in held_out:
-            self.backend.reset_session()
+        self.backend.reset_session()  # what it holds was computed before the updates
+        for g in held_out:  # consecutive prompts reuse the cached system prompt
             reply = list(self.backend.generate(g.ids[: len(g.ids) - len(g.targets)], greedy))
             changed += reply != g.targets[:n]
         self.backend.reset_session()
         return changed / max(len(held_out), 1)
 
     # --- the student -----------------------------------------------------------------------------
-    def _answer_loss(self, ex: Example) -> Array:
+    def _answer_loss(self, ex: Example, phase: Phase = "train") -> Array:
         ops = self.backend.ops
-        logits = self.backend.forward(ex.ids, self.backend.new_cache(), "train", keep=ex.positions)
+        logits = self.backend.forward(ex.ids, self.backend.new_cache(), phase, keep=ex.positions)
         return ops.mean(ops.cross_entropy(logits, ops.asarray(ex.targets, dtype="int32")))
 
     def _guard_loss(self, g: Guard) -> Array:
@@ -285,12 +279,7 @@ class Consolidator:
 
     def _mean_answer_loss(self, examples: Sequence[Example]) -> float:
         ops = self.backend.ops
-        return float(np.mean([float(ops.to_numpy(self._score_loss(ex))) for ex in examples]))
-
-    def _score_loss(self, ex: Example) -> Array:
-        ops = self.backend.ops
-        logits = self.backend.forward(ex.ids, self.backend.new_cache(), "score", keep=ex.positions)
-        return ops.mean(ops.cross_entropy(logits, ops.asarray(ex.targets, dtype="int32")))
+        return float(np.mean([float(ops.to_numpy(self._answer_loss(ex, "score"))) for ex in examples]))
 
     def consolidate(self, module: GradientMemory, hook: MemoryHook, statement: str,
                     restore: Callable[[], None] | None = None) -> ConsolidationSummary:
@@ -344,7 +333,7 @@ class Consolidator:
         """`question` asked in this chat's format, `answer` (then the end of the turn) as its targets."""
         fmt = self.backend.formatter
         prompt = fmt.generation_ids([*self.system, {"role": "user", "content": question}])
-        reply = fmt.encode(answer) + [self._end_id()]
+        reply = fmt.encode(answer) + [self._end_id]
         ids = prompt + reply[:-1]
         return Example(question, answer, ids, list(range(len(prompt) - 1, len(ids))), reply)
 

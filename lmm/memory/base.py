@@ -73,11 +73,12 @@ class MemoryConfig:
                 raise ValueError(
                     f"unknown option {key!r} for {cls.__name__} (known: {', '.join(sorted(known)) or 'none'})"
                 )
-            values[key] = _coerce(raw, known[key].default, key)
+            values[key] = coerce_option(raw, known[key].default, key)
         return cls(**values)
 
 
-def _coerce(raw: str, default: Any, key: str) -> Any:
+def coerce_option(raw: str, default: Any, key: str) -> Any:
+    """A `key=value` option string as the type of its default (bool, int, float; else the string)."""
     try:
         if isinstance(default, bool):
             if raw.lower() in {"1", "true", "yes", "on"}:
