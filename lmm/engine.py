@@ -41,6 +41,7 @@ from lmm.state import (
     read_state,
     save_state,
 )
+from lmm.turns import GenerationResponse, TurnResult
 
 
 @dataclass
@@ -61,38 +62,6 @@ class EngineConfig:
     background_updates: bool = True
     consolidate: bool = False  # gradient modules: consolidate each statement (lmm.consolidation)
     consolidation_options: dict[str, str] = field(default_factory=dict)  # ConsolidationConfig fields
-
-
-@dataclass
-class GenerationResponse:
-    """One generated token (mlx-lm style): the text it completes (empty while a UTF-8 sequence is
-    unfinished), the running figures, and on the reply's last token why it ended."""
-
-    text: str
-    token: int
-    generation_tokens: int
-    generation_tps: float
-    finish_reason: str | None = None  # "stop", "length" or "interrupted" on the last token
-
-
-@dataclass
-class TurnResult:
-    user: str
-    assistant: str
-    generation_tokens: int
-    tokens_per_second: float
-    time_to_first_token: float
-    finish_reason: str
-    update: UpdateSummary | None = None
-    tokens: list[int] = field(default_factory=list)  # the reply's token ids
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "user": self.user, "assistant": self.assistant, "generation_tokens": self.generation_tokens,
-            "tokens_per_second": round(self.tokens_per_second, 2),
-            "time_to_first_token": round(self.time_to_first_token, 4), "finish_reason": self.finish_reason,
-            "update": self.update.to_json() if self.update else None,
-        }
 
 
 class ChatEngine:
@@ -342,7 +311,10 @@ class ChatEngine:
         self.wait_for_update()
         if on and not isinstance(self.module, GradientMemory):
             self.notice(f"--consolidate applies to gradient modules; {self.module.name} learns as before")
-        self._consolidator = self._consolidator or Consolidator(self.backend, self._consolidation) if on else None
+        if not on:
+            self._consolidator = None
+        elif self._consolidator is None:
+            self._consolidator = Consolidator(self.backend, self._consolidation)
         return self.consolidating
 
     def _consolidator_for(self) -> Consolidator:

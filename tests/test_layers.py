@@ -18,7 +18,7 @@ LAYERS = [
     {"chat", "repl", "commands"},
     {"session"},
     {"bench"},
-    {"engine", "learning", "consolidation", "hook"},
+    {"engine", "turns", "learning", "consolidation", "hook"},
     {"backends", "memory"},
     {"types", "ops", "optim", "chat_format", "state", "lock", "events", "models", "testing", "__init__"},
 ]
