@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from lmm.backends import BackendError, DecodingConfig
 from lmm.commands import is_command, run_command
 from lmm.engine import ChatEngine, EngineConfig
-from lmm.models import ModelError
-from lmm.session import ChatSession
+from lmm.models import EMBEDDED_MODEL_ID, ModelError, model_on_disk
+from lmm.session import ChatSession, SessionOpenError, SessionOpening, validate_user
 from lmm.state import StateFileError
 
 EXIT_WORDS = {"exit", "quit"}
+_USER_ERRORS = (ModelError, BackendError, StateFileError, ValueError, FileNotFoundError)
 _DECODING = DecodingConfig()
 
 
@@ -121,23 +124,63 @@ def main(argv: list[str] | None = None) -> int:
             consolidate=args.consolidate,
             consolidation_options=parse_options(args.consolidate_opt, "--consolidate-opt"),
         )
-        engine = ChatEngine(config, on_notice=_notice)
-        session = ChatSession(engine, user=args.user, load_path=load_path, save_path=save_path,
-                              incognito=args.incognito, notice=_notice)
-        session.start()
-    except (ModelError, BackendError, StateFileError, ValueError, FileNotFoundError) as exc:
+        if args.user is not None:
+            validate_user(args.user)
+    except ValueError as exc:
         return _fail(str(exc))
 
-    try:
-        if sys.stdin.isatty() and not args.as_json:
-            from lmm.repl import run_repl
+    def open_session(notice: Callable[[str], None]) -> ChatSession:
+        engine = ChatEngine(config, on_notice=notice)
+        session = ChatSession(engine, user=args.user, load_path=load_path, save_path=save_path,
+                              incognito=args.incognito, notice=notice)
+        session.start()
+        return session
 
-            code = run_repl(session)
-        else:
-            code = run_piped(session, as_json=args.as_json)
+    if sys.stdin.isatty() and not args.as_json:
+        return _interactive(open_session, args, config)
+    try:
+        session = open_session(_notice)
+    except _USER_ERRORS as exc:
+        return _fail(str(exc))
+    try:
+        code = run_piped(session, as_json=args.as_json)
     finally:
         session.close()
-    engine.close()
+    session.engine.close()
+    return code
+
+
+def _interactive(open_session: Callable[[Callable[[str], None]], ChatSession], args: argparse.Namespace,
+                 config: EngineConfig) -> int:
+    """The REPL. A model already on disk loads on a background thread while the prompt takes the first
+    message; one still to be converted or downloaded (with its progress lines) loads first."""
+    from lmm.repl import run_repl
+
+    if model_on_disk(config.model):
+        def opened_or_reason(notice: Callable[[str], None]) -> ChatSession:
+            try:
+                return open_session(notice)
+            except _USER_ERRORS as exc:
+                raise SessionOpenError(str(exc)) from None
+
+        opening = SessionOpening(opened_or_reason, user=args.user, incognito=args.incognito,
+                                 label=config.model or EMBEDDED_MODEL_ID, memory=config.memory)
+    else:
+        try:
+            opening = SessionOpening.opened(open_session(_notice))
+        except _USER_ERRORS as exc:
+            return _fail(str(exc))
+    try:
+        code = run_repl(opening)
+    except SessionOpenError as exc:
+        return _fail(str(exc))
+    if not opening.done():  # left before the model had loaded: nothing was changed or written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # the loading thread may be inside a native library; do not wait for it
+    if opening.session is not None:
+        opening.session.close()
+        opening.session.engine.close()
     return code
 
 

@@ -63,6 +63,11 @@ class EngineConfig:
     consolidate: bool = False  # gradient modules: consolidate each statement (lmm.consolidation)
     consolidation_options: dict[str, str] = field(default_factory=dict)  # ConsolidationConfig fields
 
+    def __post_init__(self) -> None:
+        # Checked before any model loads: a bad module name or option fails at once, not after the load.
+        get_memory_spec(self.memory).config_cls.from_strings(self.memory_options)
+        ConsolidationConfig.from_strings(self.consolidation_options)
+
 
 class ChatEngine:
     """One conversation with one memory module on a loaded backend. Several engines may share a
@@ -214,6 +219,14 @@ class ChatEngine:
         self.wait_for_update()
         self.config.system_prompt = text
         self.backend.reset_session()  # the cached prefix starts with the old system prompt
+
+    def hand_over(self) -> None:
+        """Run last on the thread that built this engine when another thread runs the chat."""
+        self.backend.release_thread()
+
+    def take_over(self) -> None:
+        """Run first on the thread that runs the chat when another thread built this engine."""
+        self.backend.prepare_thread()
 
     def set_notice(self, notice: Callable[[str], None]) -> None:
         """Where one-line notices go (the CLI prints them on stderr, the REPL styles them)."""

@@ -54,6 +54,14 @@ def is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
+def model_on_disk(model: str | None) -> bool:
+    """True when `--model` needs no conversion or download: the embedded model already converted,
+    or a local folder."""
+    if model is None:
+        return is_complete(embedded_model_dir())
+    return Path(model).expanduser().is_dir()
+
+
 def _say(message: str, progress: bool) -> None:
     if progress:
         print(message, file=sys.stderr, flush=True)

@@ -11,13 +11,14 @@ stops that reply; Ctrl+C at an empty prompt leaves without saving (and says so);
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit import prompt as ask
@@ -28,23 +29,21 @@ from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.styles import Style
-from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from lmm.commands import COMMANDS, CommandResult, TokenLoss, complete, is_command, run_command
 from lmm.learning import UpdateSummary
-from lmm.session import ChatSession
+from lmm.repl_text import WordWrap, block_open, clean, unwrap_block
+from lmm.session import ChatSession, SessionOpening
+
+if TYPE_CHECKING:
+    from lmm.engine import ChatEngine
 
 EXIT_WORDS = {"exit", "quit"}
-BLOCK = '"""'
 UPDATE_WAIT = 1.0  # seconds the stats line waits for the background update before moving on
 HISTORY_ENV = "LMM_HISTORY_FILE"
-
-# Model output is untrusted: show control characters (escape sequences!) as visible symbols.
-_CONTROL = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"}
-_CONTROL.update({0x7F: 0x2421, **{c: 0xFFFD for c in range(0x80, 0xA0)}})
 
 _PROMPT_STYLE = Style.from_dict({"user": "bold ansicyan", "incognito": "bold ansimagenta", "arrow": "ansicyan"})
 
@@ -53,32 +52,12 @@ def history_path() -> Path:
     return Path(os.environ.get(HISTORY_ENV) or Path.home() / ".lmm_history").expanduser()
 
 
-def clean(text: str) -> str:
-    return text.translate(_CONTROL)
-
-
-def block_open(text: str) -> bool:
-    """True while the input is a `\"\"\"` block that has not been closed yet."""
-    body = text.strip()
-    return body.startswith(BLOCK) and (len(body) < 2 * len(BLOCK) or not body.endswith(BLOCK))
-
-
-def unwrap_block(text: str) -> str:
-    """The message inside a `\"\"\"` block (delimiters removed); other input just stripped."""
-    body = text.strip()
-    if body.startswith(BLOCK):
-        body = body[len(BLOCK):]
-        if body.endswith(BLOCK):
-            body = body[: -len(BLOCK)]
-    return body.strip()
-
-
 class SessionHistory(FileHistory):
     """History file (0600) that records nothing while the session is incognito."""
 
-    def __init__(self, filename: Path, session: ChatSession) -> None:
+    def __init__(self, filename: Path, incognito: Callable[[], bool]) -> None:
         super().__init__(str(filename))
-        self.session = session
+        self.incognito = incognito
         self.failed = False
         self.problem = ""  # a write failure, for the REPL to show once the prompt is done
 
@@ -89,7 +68,7 @@ class SessionHistory(FileHistory):
             return []  # checked before the prompt starts; a file that vanished meanwhile is just empty
 
     def store_string(self, string: str) -> None:
-        if self.session.incognito or self.failed:
+        if self.incognito() or self.failed:
             return
         try:
             fd = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -140,47 +119,6 @@ class _StopOnCtrlC:
         signal.signal(signal.SIGINT, self._previous)
 
 
-class WordWrap:
-    """Wrap streamed text at word boundaries: whole words are held until they are complete.
-
-    A word that cannot fit on any line is written as it comes (the terminal folds it).
-    """
-
-    def __init__(self, width: int) -> None:
-        self.width = max(width, 10)
-        self.column = 0
-        self.word = ""
-
-    def feed(self, text: str) -> str:
-        out: list[str] = []
-        for ch in text:
-            if ch == "\n":
-                out.append(self.flush() + "\n")
-                self.column = 0
-            elif ch.isspace():
-                out.append(self.flush())
-                if self.column >= self.width:
-                    out.append("\n")
-                    self.column = 0
-                else:
-                    out.append(ch)
-                    self.column += cell_len(ch)
-            else:
-                self.word += ch
-                if cell_len(self.word) >= self.width:  # longer than a line: stop holding it back
-                    out.append(self.flush())
-        return "".join(out)
-
-    def flush(self) -> str:
-        word, self.word = self.word, ""
-        size = cell_len(word)
-        prefix = ""
-        if self.column and self.column + size > self.width:
-            prefix, self.column = "\n", 0
-        self.column = (self.column + size) % self.width if size >= self.width else self.column + size
-        return prefix + word
-
-
 def ce_style(ce: float) -> str:
     """Colour for a token's CE (nats): calm green for expected, red for surprising."""
     if ce < 2:
@@ -201,13 +139,12 @@ def surprise_text(tokens: list[TokenLoss]) -> Text:
 
 
 class Repl:
-    def __init__(self, session: ChatSession, *, console: Console | None = None,
+    def __init__(self, session: ChatSession | SessionOpening, *, console: Console | None = None,
                  history: History | None = None) -> None:
-        self.session = session
-        self.engine = session.engine
+        self.opening = session if isinstance(session, SessionOpening) else SessionOpening.opened(session)
+        self._session: ChatSession | None = None
+        self._loading = not self.opening.done()  # the banner went out before the model was loaded
         self.console = console or Console(highlight=False)
-        session.notice = self.notice
-        self.engine.set_notice(self.notice)
         if history is None:
             history = self._history()
         self.prompt = PromptSession(
@@ -216,6 +153,50 @@ class Repl:
             style=_PROMPT_STYLE, enable_suspend=True,
         )
         self.update_unreported = False  # a turn's stats line went out before its update finished
+
+    # --- the session, opened in the background ---------------------------------------------
+    @property
+    def session(self) -> ChatSession:
+        """The chat session; the first use waits for a background opening (and raises its error)."""
+        if self._session is None:
+            if not self.opening.done():
+                self.notice(f"loading {self.opening.label}…")
+            session = self.opening.take()
+            session.notice = self.notice
+            session.engine.set_notice(self.notice)
+            self._session = session
+            for message in self.opening.notices:
+                self.notice(message)
+            if self._loading:
+                e = session.engine
+                self.notice(f"ready · {e.backend.model_id} ({e.backend.name}) · memory {e.module.name} "
+                            f"on layer {e.layer}")
+        return self._session
+
+    @property
+    def engine(self) -> ChatEngine:
+        return self.session.engine
+
+    def _who(self) -> tuple[str | None, bool]:
+        """User and incognito for the prompt line, before and after the session is taken."""
+        source = self._session or self.opening
+        return source.user, source.incognito
+
+    def _abort_on_failure(self) -> None:
+        """Runs as a prompt starts: a background opening that fails ends the prompt with its error."""
+        if self.opening.done():
+            if self.opening.error is not None and self._session is None:
+                self.prompt.app.exit(exception=self.opening.error)
+            return
+        app, loop = self.prompt.app, asyncio.get_running_loop()
+
+        def stop() -> None:
+            if self.opening.error is not None and app.is_running and app.future and not app.future.done():
+                app.exit(exception=self.opening.error)
+            elif app.is_running:
+                app.invalidate()  # the toolbar's "loading" line goes
+
+        self.opening.on_done(lambda: loop.call_soon_threadsafe(stop))
 
     # --- output helpers --------------------------------------------------------------
     def write(self, text: str) -> None:
@@ -247,7 +228,7 @@ class Repl:
         except OSError as exc:
             self.notice(f"history file {path} unusable ({exc.strerror}); history kept in memory only")
             return InMemoryHistory()
-        return SessionHistory(path, self.session)
+        return SessionHistory(path, lambda: self._who()[1])
 
     # --- input ----------------------------------------------------------------------------
     def _bindings(self) -> KeyBindings:
@@ -281,8 +262,9 @@ class Repl:
         return "." * max(0, width - 1) + " "
 
     def _message(self) -> FormattedText:
-        parts = [("class:user", self.session.user or "you")]
-        if self.session.incognito:
+        user, incognito = self._who()
+        parts = [("class:user", user or "you")]
+        if incognito:
             parts.append(("class:incognito", " [incognito]"))
         parts.append(("class:arrow", " >> "))
         return FormattedText(parts)
@@ -290,20 +272,31 @@ class Repl:
     def read(self) -> str:
         """One input (maybe several lines). Raises EOFError / KeyboardInterrupt like prompt()."""
         try:
-            return self.prompt.prompt(self._message)
+            self.prompt.bottom_toolbar = None if self.opening.done() else self._toolbar
+            return self.prompt.prompt(self._message, pre_run=self._abort_on_failure)
         finally:
             history = self.prompt.history
             if isinstance(history, SessionHistory) and history.problem:
                 self.notice(history.problem)
                 history.problem = ""
 
+    def _toolbar(self) -> str:
+        if self.opening.done():
+            return f" {self.opening.label} loaded"
+        return f" loading {self.opening.label}… (type away: it answers once loaded)"
+
     # --- the loop -------------------------------------------------------------------------
     def banner(self) -> None:
-        e, s = self.engine, self.session
-        who = f"user {s.user}" if s.user else "no user"
-        mode = ", incognito" if s.incognito else ""
-        self.say(f"lmm chat · {e.backend.model_id} ({e.backend.name}) · memory {e.module.name} on layer {e.layer} "
-                 f"· {who}{mode}", "bold")
+        user, incognito = self._who()
+        who = f"user {user}" if user else "no user"
+        mode = ", incognito" if incognito else ""
+        if self._loading:
+            self.say(f"lmm chat · {self.opening.label} · memory {self.opening.memory} · {who}{mode} · loading in "
+                     "the background", "bold")
+        else:
+            e = self.engine
+            self.say(f"lmm chat · {e.backend.model_id} ({e.backend.name}) · memory {e.module.name} on layer "
+                     f"{e.layer} · {who}{mode}", "bold")
         self.console.print(Text("/help lists commands · Alt+Enter or \"\"\" for multi-line · Ctrl+C stops a reply · "
                                 "Ctrl+D saves and quits · Ctrl+C at an empty prompt quits without saving", style="dim"))
 
@@ -432,6 +425,9 @@ class Repl:
             self.notice(f"(previous turn) {self._update_stats(self.engine.wait_for_update())}")
 
     def finish(self, save: bool) -> int:
+        if self._session is None and not self.opening.done():
+            self.notice("left before the model had loaded: nothing was changed")
+            return 0 if save else 130
         if not save:
             self.session.discard()
             self.say("Ctrl+C: leaving WITHOUT saving the memory: this session's changes are discarded "
@@ -447,6 +443,6 @@ class Repl:
         return 0
 
 
-def run_repl(session: ChatSession) -> int:
+def run_repl(session: ChatSession | SessionOpening) -> int:
     """Run the interactive chat until the user leaves; return the exit code."""
     return Repl(session).run()

@@ -6,12 +6,15 @@ skipped with a notice; a bad one stops the chat before the first turn), one chat
 file (a lock held from start to exit), crash safety (the engine autosaves each update beside
 the file; the next chat of that file recovers it), saving on exit, leaving without keeping
 the session's changes, incognito mode (no updates, nothing written) and switching users
-without reloading the model. Shared by the REPL and the piped mode; no terminal I/O.
+without reloading the model, and opening a session on a background thread (`SessionOpening`) so
+that the REPL can take the first message while the model loads. Shared by the REPL and the piped
+mode; no terminal I/O.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,3 +161,73 @@ class ChatSession:
             self.start()  # back to the previous user's memory, just saved
             raise
         return saved
+
+
+class SessionOpenError(Exception):
+    """Opening a session in the background failed for a reason the user can fix (one line)."""
+
+
+class SessionOpening:
+    """A `ChatSession` being opened on a background thread (imports, weights, the memory), so that
+    the REPL can show its prompt meanwhile. `user` and `incognito` are what the session starts with;
+    notices said while opening are kept in `notices` for whoever takes the session."""
+
+    def __init__(self, open_session: Callable[[Callable[[str], None]], ChatSession] | None = None, *,
+                 user: str | None = None, incognito: bool = False, label: str = "the model",
+                 memory: str = "") -> None:
+        self.user, self.incognito, self.label, self.memory = user, incognito, label, memory
+        self.notices: list[str] = []
+        self.session: ChatSession | None = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._taken = open_session is None  # opened elsewhere: the taking thread takes the model over
+        self._callbacks: list[Callable[[], None]] = []
+        self._guard = threading.Lock()
+        if open_session is not None:
+            # A daemon thread: a user who leaves before the model is loaded does not wait for it.
+            threading.Thread(target=self._run, args=(open_session,), name="lmm-open", daemon=True).start()
+
+    @classmethod
+    def opened(cls, session: ChatSession) -> SessionOpening:
+        """An opening that is already done (the session was opened on this thread)."""
+        done = cls(user=session.user, incognito=session.incognito)
+        done.session, done._taken = session, True
+        done._done.set()
+        return done
+
+    def _run(self, open_session: Callable[[Callable[[str], None]], ChatSession]) -> None:
+        try:
+            session = open_session(self.notices.append)
+            session.engine.hand_over()  # this thread ends here; the chat's thread takes the model over
+            self.session = session
+        except BaseException as exc:  # kept for the thread that takes the session: it raises there
+            self.error = exc
+        with self._guard:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from the opening thread) once the opening ends; now if it has ended."""
+        with self._guard:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def take(self) -> ChatSession:
+        """The session, once opened, for the calling thread to run the chat on; raises what opening it
+        raised. Ctrl+C interrupts the wait."""
+        while not self._done.wait(0.1):
+            pass
+        if self.error is not None:
+            raise self.error
+        assert self.session is not None
+        if not self._taken:
+            self.session.engine.take_over()
+            self._taken = True
+        return self.session

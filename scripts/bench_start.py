@@ -1,6 +1,9 @@
 """Start-up and user-switch figures on the embedded model, measured side by side in one run.
 
 Prints:
+- time to the first prompt of the interactive chat (a pseudo-terminal, `--rounds` times): the REPL
+  shows its prompt while the model loads behind it; and the time to the first reply when the
+  message is typed at once (`--max-tokens 1`), both against the plain script below;
 - cold start: wall time of a piped one-token chat (`python -m lmm.chat --json --max-tokens 1`,
   one message, memory `--memory`) against a plain transformers script that loads the same model
   folder and answers the same message with one token; the two alternate, `--rounds` each, and
@@ -46,20 +49,45 @@ def timed(cmd: list[str], stdin: bytes, env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def interactive(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Seconds to the REPL's first prompt, and to the end of the first reply typed right then."""
+    import pexpect
+
+    start = time.perf_counter()
+    child = pexpect.spawn(cmd[0], cmd[1:], env={**env, "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"},
+                          encoding="utf-8", timeout=300, dimensions=(40, 160))
+    try:
+        child.expect_exact(">> ")
+        prompt = time.perf_counter() - start
+        child.sendline(MESSAGE)
+        child.expect_exact("tok/s")
+        reply = time.perf_counter() - start
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    return prompt, reply
+
+
 def cold_start(memory: str, rounds: int, model_dir: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    chat = [sys.executable, "-m", "lmm.chat", "--json", "--max-tokens", "1", "--memory", memory, "--incognito",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "LMM_HISTORY_FILE": os.devnull}
+    chat = [sys.executable, "-m", "lmm.chat", "--max-tokens", "1", "--memory", memory, "--incognito",
             "--model", str(model_dir), "--backend", "torch"]
     plain = [sys.executable, "-c", PLAIN, str(model_dir), MESSAGE]
-    times: dict[str, list[float]] = {"lmm chat": [], "plain transformers": []}
+    times: dict[str, list[float]] = {"lmm chat, piped": [], "lmm REPL, first prompt": [],
+                                     "lmm REPL, first reply": [], "plain transformers": []}
     for _ in range(rounds):
-        times["lmm chat"].append(timed(chat, (MESSAGE + "\n").encode(), env))
+        times["lmm chat, piped"].append(timed([*chat, "--json"], (MESSAGE + "\n").encode(), env))
+        prompt, reply = interactive(chat, env)
+        times["lmm REPL, first prompt"].append(prompt)
+        times["lmm REPL, first reply"].append(reply)
         times["plain transformers"].append(timed(plain, b"", env))
+    plain_median = statistics.median(times["plain transformers"])
     for name, values in times.items():
         each = ", ".join(f"{v:.2f}" for v in values)
-        print(f"cold start {name:<19} median {statistics.median(values):5.2f} s  ({each})")
-    ratio = statistics.median(times["lmm chat"]) / statistics.median(times["plain transformers"])
-    print(f"cold start ratio lmm / plain: {ratio:.2f}")
+        median = statistics.median(values)
+        print(f"cold start {name:<24} median {median:5.2f} s  ({each})  ratio to plain {median / plain_median:.2f}")
 
 
 def user_switch(memory: str, state: Path, rounds: int, model_dir: Path) -> None:

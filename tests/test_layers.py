@@ -1,6 +1,6 @@
 """The import graph of `lmm/`: dependencies point one way, and no two packages import each other.
 
-Layers, top to bottom: the CLI and REPL (chat, repl, commands), the session, the engine (engine,
+Layers, top to bottom: the CLI and REPL (chat, repl, repl_text, commands), the session, the engine (engine,
 learning, consolidation, hook), the benchmark beside them, then `backends` and `memory`, which meet only through
 the shared types below them (types, ops, optim, chat_format, state, lock, events, models, testing).
 Every `import` is read from the source, lazy ones inside functions included.
@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "lmm"
 LAYERS = [
-    {"chat", "repl", "commands"},
+    {"chat", "repl", "repl_text", "commands"},
     {"session"},
     {"bench"},
     {"engine", "turns", "learning", "consolidation", "hook"},

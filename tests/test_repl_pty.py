@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lmm.repl import WordWrap, block_open, clean, unwrap_block
+from lmm.repl_text import WordWrap, block_open, clean, unwrap_block
 from lmm.testing import tiny_model_dir
 
 pexpect = pytest.importorskip("pexpect")
@@ -80,12 +80,13 @@ def test_full_session_on_a_real_terminal(endless_model: Path, tmp_path: Path) ->
     """TERM=xterm-256color: the full prompt-toolkit UI, colours and all."""
     child = spawn(endless_model, tmp_path, "--user", "alice", "--max-tokens", "24")
     try:
-        child.expect_exact("memory lora_on_user on layer 2")
+        # the prompt comes before the model is loaded; the first message waits for it
+        child.expect_exact("memory lora_on_user · user alice · loading in the background")
         prompt(child, "alice")
 
         # a chat turn: streamed reply, then the stats line with the update
-        command(child, "My name is Alice and I live in Paris.", "24 tokens", "tok/s", "update", "->",
-                "tokens learned")
+        command(child, "My name is Alice and I live in Paris.", "ready · tiny-endless (torch) · memory "
+                "lora_on_user on layer 2", "24 tokens", "tok/s", "update", "->", "tokens learned")
         command(child, "/help", "/memory", "/surprise", "/incognito [on|off]", "/exit")
 
         child.send("/mem\t")  # Tab completes the command name
@@ -189,6 +190,28 @@ def test_dumb_terminal_odd_input_and_ctrl_c_exit(tiny_llama: Path, tmp_path: Pat
     # nothing of the session is kept: no memory file and no autosave (only the released lock file)
     left = sorted(p.name for p in (tmp_path / "art" / "users" / "dora").iterdir())
     assert left == ["lora_on_user.safetensors.lock"], left
+
+
+@pytest.mark.parametrize("term", ["xterm-256color", "dumb"])
+def test_a_memory_that_fails_to_load_ends_the_prompt(tiny_llama: Path, tmp_path: Path, term: str) -> None:
+    """The model loads behind the prompt; a bad memory file ends it with one line, exit 2, file kept.
+    A full terminal's prompt ends by itself; a dumb terminal's prompt (prompt-toolkit's plain input)
+    at the first Enter."""
+    bad = tmp_path / "art" / "users" / "erin" / "lora_on_user.safetensors"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a safetensors file")
+    child = spawn(tiny_llama, tmp_path, "--user", "erin", term=term)
+    try:
+        prompt(child, "erin")
+        if term == "dumb":
+            child.sendline("hello")
+        child.expect_exact("lmm: error:")
+        child.expect_exact(str(bad))
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 2
+    assert bad.read_bytes() == b"not a safetensors file"
 
 
 # --- input helpers (no terminal needed) -------------------------------------------------------------
