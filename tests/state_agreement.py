@@ -14,7 +14,7 @@ import numpy as np
 #   stamps and calibration count identical); recurrent_state: 3.3e-5 (w_q, |w_q| ~ 1); chaptered_bank:
 #   1.4e-5 (an earlier version: 7.7e-4 on 1 element of 4096, its 99.9th percentile 4e-5); trace_bank
 #   (format 1): 2.0e-3 on captured attention keys of size ~7, i.e. 8.2e-4 relative; format 2 keeps
-#   routing states as int8 with float scales, equal on both backends in this session.
+#   routing states as integers (int4, formerly int8) with float scales, equal on both backends in this session.
 # Outliers like chaptered_bank's were Adam's: its step divides a coordinate's gradient by that gradient's
 # own running magnitude, so a coordinate whose gradient is at float-noise level moves by a
 # noise-dependent fraction of lr on each backend. Captured activations carry the model's own backend

@@ -34,6 +34,7 @@ from trace_bank_helpers import (
 
 from lmm.memory.trace_bank import TraceBankConfig
 from lmm.memory.trace_gate import fit_probe, is_question, sentences
+from lmm.memory.traces import storage_dtype
 from lmm.testing import FAMILIES
 
 # --- the write gate and the config -------------------------------------------------------------------
@@ -62,7 +63,7 @@ def test_probe_separates_the_two_classes_it_was_fitted_on() -> None:
 
 @pytest.mark.parametrize("field, value", [
     ("threshold", 1.5), ("threshold", float("nan")), ("start_layer", -2), ("routing_layer", -2), ("max_traces", 0),
-    ("max_trace_tokens", 3), ("dedupe", 1.5), ("dtype", "int4"), ("sentence_threshold", 1.5),
+    ("max_trace_tokens", 3), ("dedupe", 1.5), ("dtype", "int3"), ("sentence_threshold", 1.5),
     ("sentence_layer", -2), ("max_query_sentences", -1), ("read_gain", 0), ("shortlist", 0), ("supersede_gap", -1.0),
 ])
 def test_config_rejects_bad_values(field: str, value: Any) -> None:
@@ -214,7 +215,7 @@ def test_multi_turn_chat_matches_a_fresh_prefill(name: str, tiny_backend) -> Non
         eng.close()
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float16"])
+@pytest.mark.parametrize("dtype", ["int4", "int8", "float16"])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_save_load_in_a_new_engine_reproduces_replies(name: str, dtype: str, tiny_backend,
                                                       tmp_path: Path) -> None:
@@ -225,8 +226,8 @@ def test_save_load_in_a_new_engine_reproduces_replies(name: str, dtype: str, tin
             eng.ask(text)
         assert len(bank(eng).traces) == 2
         state = eng.module.state_tensors()
-        assert state["buffer.route"].dtype == np.dtype(dtype) and int(state["buffer.trace_format"][0]) == 2
-        assert ("buffer.route_scale" in state) == (dtype == "int8")
+        assert state["buffer.route"].dtype == storage_dtype(dtype) and int(state["buffer.trace_format"][0]) == 2
+        assert ("buffer.route_scale" in state) == (dtype in ("int4", "int8"))
         assert "buffer.keys" not in state  # compact: keys/values are rebuilt when read
         path = eng.save_memory(tmp_path / "tb.safetensors")
         eng.learning = False

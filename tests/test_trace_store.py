@@ -267,3 +267,45 @@ def test_the_whole_turn_index_grows_in_place_and_matches_a_rebuild(tiny_backend)
         np.testing.assert_allclose(rebuilt, np.delete(stale, 1, axis=0), rtol=1e-6)
     finally:
         eng.close()
+
+
+def test_int4_packing_round_trips_within_half_a_step() -> None:
+    from lmm.memory.traces import pack4, unpack4
+
+    x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
+    packed, scale = pack4(x)
+    assert packed.dtype == np.uint8 and packed.shape == (5, 32) and scale.shape == (5,)
+    back = unpack4(packed, scale)
+    assert np.all(np.abs(back - x) <= scale[:, None] / 2 + 1e-6)
+    assert np.allclose(np.abs(back).max(axis=1), np.abs(x).max(axis=1))  # each row's extreme is exact
+    with pytest.raises(ValueError, match="even width"):
+        pack4(x[:, :63])
+
+
+def test_a_file_of_another_storage_is_converted_when_loaded(tiny_backend, tmp_path: Path) -> None:
+    """An int8 memory's tensors loaded by a module with dtype=int4 route as before (same selections) and
+    are kept in int4; the positive control: the int4 states do differ from the int8 ones. (A file
+    loaded by the engine brings its own config, dtype included.)"""
+    from safetensors.numpy import load_file
+
+    be = tiny_backend("torch")
+    eng = engine(be, dtype="int8")
+    questions = ("What is my name?", "What is my cat called?", "Where do I work?")
+    try:
+        for text in (FACT, OTHER, "I work as a baker in Lyon."):
+            teach(eng, text)
+        path = eng.save_memory(tmp_path / "int8.safetensors")
+        before = [bank(eng).select(q) for q in questions]
+        keys8 = bank(eng)._trace_keys(0)
+    finally:
+        eng.close()
+    other = engine(be, dtype="int4")
+    try:
+        other.module.load_state_tensors({k: v for k, v in load_file(str(path)).items() if k.startswith("buffer.")})
+        assert other.module.state_tensors()["buffer.route"].dtype == np.uint8
+        assert [bank(other).select(q) for q in questions] == before
+        keys4 = bank(other)._trace_keys(0)
+        assert keys4.shape == keys8.shape and not np.array_equal(keys4, keys8)
+        assert float((keys4 * keys8).sum(axis=1).min()) > 0.95  # same directions, within int4's steps
+    finally:
+        other.close()

@@ -41,6 +41,7 @@ from lmm.memory.traces import (
     Trace,
     late_interaction,
     pack_traces,
+    storage_dtype,
     unpack_traces,
 )
 from lmm.ops import Array, Ops
@@ -76,7 +77,7 @@ class TraceBankConfig(MemoryConfig):
     max_traces: int = 100_000  # past this many, the least recently read traces are dropped (with a notice)
     max_bytes: int = 1 << 30  # the memory's budget for trace data; past it, the same (and the notice says so)
     max_trace_tokens: int = 96  # longer sentences are not stored
-    dtype: str = "int8"  # storage of routing states: int8 (a scale per row), float16 or float32
+    dtype: str = "int4"  # routing states: int4 (centred, two per byte), int8 (a scale per row), float16, float32
 
     RETIRED: ClassVar[tuple[str, ...]] = ("scaffold", "read_gate")  # options of the format-1 traces
 
@@ -107,8 +108,8 @@ class TraceBankConfig(MemoryConfig):
         for name in ("supersede", "supersede_sentence", "dedupe"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.dtype not in ("int8", "float16", "float32"):
-            raise ValueError(f"dtype must be int8, float16 or float32, got {self.dtype!r}")
+        if self.dtype not in ("int4", "int8", "float16", "float32"):
+            raise ValueError(f"dtype must be int4, int8, float16 or float32, got {self.dtype!r}")
 
 
 @register
@@ -119,6 +120,8 @@ class TraceBank(TraceRouting, DirectMemory):
     def __init__(self, config: MemoryConfig, *, hidden_size: int, ops: Ops, seed: int) -> None:
         super().__init__(config, hidden_size=hidden_size, ops=ops, seed=seed)
         self.cfg: TraceBankConfig = config  # type: ignore[assignment]
+        if self.cfg.dtype == "int4" and hidden_size % 2:
+            raise ValueError(f"dtype int4 needs an even hidden size, the model has {hidden_size}")
         self.model: ModelView | None = None
         self.layer: int | None = None
         self.traces: list[Trace] = []
@@ -203,7 +206,7 @@ class TraceBank(TraceRouting, DirectMemory):
                     continue
             trace = Trace(token_ids=np.asarray([ids[i] for i in content] or ids[start:], dtype=np.int32),
                           route=route, sentence=sentence, written=self.clock, used=self.clock,
-                          said_at=now).stored_as(self.cfg.dtype)
+                          said_at=now).stored_as(self.cfg.dtype, self._ensure_center())
             self.clock += 1
             query = self._remember_query(part, route, sentence)  # asking the statement back routes at once
             verb = self._place(trace, *query)
@@ -371,17 +374,18 @@ class TraceBank(TraceRouting, DirectMemory):
         if center is not None and center.shape != (self.hidden_size,):
             raise StateError(f"tensor buffer.center has shape {center.shape}, module {self.name} expects "
                              f"({self.hidden_size},)")
-        target = np.dtype(self.cfg.dtype)  # a file of another storage (format 1: float16) is converted
-        traces = [t if t.route.dtype == target else t.stored_as(self.cfg.dtype)
-                  for t in unpack_traces(tensors, self.hidden_size, self.name)]
-        if traces and center is None:
+        unpacked = unpack_traces(tensors, self.hidden_size, self.name)
+        if unpacked and center is None:
             raise StateError(f"inconsistent trace tensors in state for module {self.name}")
+        center = None if center is None else np.asarray(center, dtype=np.float32)
+        target = storage_dtype(self.cfg.dtype)  # a file of another storage (format 1: float16) is converted
+        traces = [t if t.route.dtype == target else t.stored_as(self.cfg.dtype, center) for t in unpacked]
         self.traces = []
         for trace in traces:
             self._uids += 1
             trace.uid = self._uids
             self.traces.append(trace)
-        self.center = None if center is None else np.asarray(center, dtype=np.float32)
+        self.center = center
         self.clock = max(int(tensors["buffer.clock"][0]), max((t.written + 1 for t in traces), default=0))
         self._model_changed()  # the loaded centre changes every encoded message
 

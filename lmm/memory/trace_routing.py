@@ -147,7 +147,7 @@ class TraceRouting:
         trace = self.traces[i]
         keys = self._keys.get(trace.uid)
         if keys is None:
-            keys = self._keys.put(trace.uid, normalize(trace.route_states() - self._ensure_center()))
+            keys = self._keys.put(trace.uid, normalize(trace.centred_route(self._ensure_center())))
         return keys
 
     def _score_states(self, query: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
