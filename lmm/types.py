@@ -12,6 +12,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
+import numpy as np
+
 from lmm.ops import Array, Ops
 
 Phase = Literal["generate", "score", "train"]
@@ -94,4 +96,8 @@ class ModelView(Protocol):
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
         """A value that depends on the frozen model only, computed once per loaded model."""
+        ...
+
+    def stored(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Arrays that depend on the frozen model only, computed once per model and kept on disk."""
         ...

@@ -39,6 +39,20 @@ def backend_name(request: pytest.FixtureRequest) -> str:
     """Each test using it runs once per backend."""
     return request.param
 
+# --- the on-disk cache of per-model arrays (lmm.model_cache) -------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the run (the chats the tests start inherit it), never the user's artifacts/cache."""
+    import os
+
+    from lmm.model_cache import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("model_cache")
+    os.environ[CACHE_ENV] = str(path)
+    return path
+
 # --- tiny random-weight models (lmm.testing) ------------------------------------------------------
 
 

@@ -16,11 +16,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from lmm.chat_format import ChatFormatter
+from lmm.model_cache import cached_arrays, model_fingerprint
 from lmm.ops import Array, Ops
 from lmm.types import Captured, EncodedTurn, ExtraKV, HookFn, Phase, RewriteContext
 
@@ -210,6 +212,8 @@ class Backend(ABC):
 
     def __init__(self) -> None:
         self.model_id: str = ""
+        self.model_path: Path | None = None  # the loaded folder (keys the on-disk cache of `stored`)
+        self.precision = ""  # what else changes the model's numbers: device and dtype
         self.formatter: ChatFormatter
         self.ops: Ops
         self.hidden_size: int = 0
@@ -461,3 +465,10 @@ class BackendView:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def stored(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """`memo` for arrays that are also kept on disk, so a new process skips the computation
+        (`lmm.model_cache`); the key must change whenever what `compute` does changes."""
+        b = self._backend
+        return self.memo(("stored", key), lambda: cached_arrays(
+            model_fingerprint(b.model_path, b.model_id, b.name, b.precision), key, compute))

@@ -127,7 +127,8 @@ class MlxBackend(Backend):
             raise BackendError(f"mlx_lm cannot load {model_path}: {exc}") from None
         tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=local_files_only)
         text_cfg = config.get("text_config", config)
-        self.model_id = model_id
+        self.model_id, self.model_path = model_id, Path(model_path)
+        self.precision = str(mx.default_device())
         self.hidden_size = int(text_cfg["hidden_size"])
         self.layer_path, self.layers = find_layers(self.model, int(text_cfg["num_hidden_layers"]))
         self.num_layers = len(self.layers)

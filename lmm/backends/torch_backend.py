@@ -161,7 +161,8 @@ class TorchBackend(Backend):
         )
         self.model = model.to(self.device).eval().requires_grad_(False)
         cfg = model.config.get_text_config()
-        self.model_id = model_id
+        self.model_id, self.model_path = model_id, Path(model_path)
+        self.precision = f"{self.device.type}:{torch_dtype}"
         self.hidden_size = int(cfg.hidden_size)
         self.layer_path, self.layers = find_layers(self.model, int(cfg.num_hidden_layers))
         self.num_layers = len(self.layers)

@@ -14,6 +14,7 @@ topics and a few languages. It holds no model code: `trace_bank` encodes and ask
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmm.types import ModelView
+
+# Part of the keys of the arrays kept on disk (gate, calibration): bump it when how a turn is encoded
+# or which states are taken changes, so that no process reads arrays computed the old way.
+GATE_VERSION = 1
 
 # Sentences that tell something to keep (any person, any topic), written for the probe only:
 # none of them is a benchmark fact or shares a benchmark fact's wording.
@@ -164,13 +169,21 @@ def content_state(model: ModelView, layer: int, text: str) -> np.ndarray:
 
 
 def gate_probe(model: ModelView, layer: int) -> Probe:
-    """The write gate of `model` at `layer`, fitted once per loaded model on the labelled examples."""
-    def fit() -> Probe:
+    """The write gate of `model` at `layer`, fitted once per model on the labelled examples (84
+    forwards) and kept on disk: the key names the examples and the feature's version."""
+    def fit() -> dict[str, np.ndarray]:
         def states(texts: Sequence[str]) -> np.ndarray:
             return np.stack([content_state(model, layer, t) for t in texts])
-        return fit_probe(states(INFORM), states(OTHER))
+        probe = fit_probe(states(INFORM), states(OTHER))
+        return {"direction": probe.direction, "center": probe.center}
 
-    return model.memo(("trace_bank.gate", layer), fit)
+    key = f"trace_bank.gate.{GATE_VERSION}.layer{layer}.{digest(INFORM + OTHER)}"
+    return model.memo(("trace_bank.gate", layer), lambda: Probe(**model.stored(key, fit)))
+
+
+def digest(texts: Sequence[str]) -> str:
+    """A short name for a list of texts (part of a cache key: other texts, another key)."""
+    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
 
 
 def gate_score(model: ModelView, layer: int, text: str) -> float:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmm.memory.trace_gate import Probe, gate_probe, sentences
+from lmm.memory.trace_gate import GATE_VERSION, Probe, digest, gate_probe, sentences
 from lmm.memory.traces import CALIBRATION, Lru, Trace, late_interaction, normalize
 from lmm.ops import Array, Ops
 from lmm.types import Captured, ModelView
@@ -88,11 +88,14 @@ class TraceRouting:
         """Routing states (all content tokens) and sentence states of the neutral CALIBRATION
         messages. They depend on the frozen model only, so they are computed once per backend and
         layer pair, not per module (a fresh engine routes at once)."""
-        def compute() -> tuple[np.ndarray, np.ndarray]:
+        def compute() -> dict[str, np.ndarray]:
             encoded = [self._encode(*self._turn(text))[:2] for text in CALIBRATION]
-            return np.concatenate([r for r, _ in encoded]), np.stack([s for _, s in encoded])
+            return {"route": np.concatenate([r for r, _ in encoded]), "sentence": np.stack([s for _, s in encoded])}
 
-        return self._model.memo(("trace_bank.calibration", self.routing, self.sentence_layer), compute)
+        key = (f"trace_bank.calibration.{GATE_VERSION}.layers{self.routing}-{self.sentence_layer}."
+               f"{digest(CALIBRATION)}")
+        stored = self._model.stored(key, compute)
+        return stored["route"], stored["sentence"]
 
     def _ensure_center(self) -> np.ndarray:
         if self.center is None:
