@@ -34,7 +34,7 @@ from lmm.events import ConsolidationRecord, EventLog
 from lmm.hook import MemoryHook
 from lmm.learning import UpdateSummary
 from lmm.memory.base import GradientMemory, LearnBatch, coerce_option
-from lmm.memory.trace_gate import gate_score, is_question, sentences
+from lmm.memory.trace_gate import digest, gate_score, is_question, sentences
 from lmm.ops import Array, Params
 from lmm.types import Phase
 
@@ -237,12 +237,23 @@ class Consolidator:
         return self.backend.view().memo(key, self._frozen_replies)
 
     def _frozen_replies(self) -> list[Guard]:
+        """The replies are generated once per model and system prompt and kept on disk; the scores over
+        the vocabulary (3 MB a prompt) are recomputed, one forward each."""
         fmt, ops, out = self.backend.formatter, self.backend.ops, []
         greedy = DecodingConfig(strategy="greedy", max_tokens=self.config.guard_tokens, repetition_penalty=1.0)
+        prompts = [fmt.generation_ids([*self.system, {"role": "user", "content": p}]) for p in GUARD_PROMPTS]
+
+        def generate() -> dict[str, np.ndarray]:
+            with self.backend.frozen():
+                return {str(i): np.asarray(list(self.backend.generate(ids, greedy)) or [self._end_id], dtype=np.int64)
+                        for i, ids in enumerate(prompts)}
+
+        texts = [m["content"] for m in self.system] + list(GUARD_PROMPTS)
+        replies = self.backend.view().stored(f"consolidation.guards.1.{self.config.guard_tokens}.{digest(texts)}",
+                                             generate)
         with self.backend.frozen():
-            for prompt in GUARD_PROMPTS:
-                ids = fmt.generation_ids([*self.system, {"role": "user", "content": prompt}])
-                reply = list(self.backend.generate(ids, greedy)) or [self._end_id]
+            for i, ids in enumerate(prompts):
+                reply = [int(t) for t in replies[str(i)]]
                 full = ids + reply
                 positions = list(range(len(ids) - 1, len(full) - 1))
                 logits = self.backend.forward(full, self.backend.new_cache(), "score", keep=positions)
