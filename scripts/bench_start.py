@@ -62,6 +62,8 @@ def interactive(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
         child.sendline(MESSAGE)
         child.expect_exact("tok/s")
         reply = time.perf_counter() - start
+        child.expect_exact(">> ")
+        time.sleep(0.5)  # Ctrl+D before prompt-toolkit has the terminal in raw mode would be lost
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:
