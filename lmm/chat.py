@@ -174,12 +174,14 @@ def _interactive(open_session: Callable[[Callable[[str], None]], ChatSession], a
         code = run_repl(opening)
     except SessionOpenError as exc:
         return _fail(str(exc))
+    finally:
+        if opening.done() and opening.session is not None:
+            opening.session.close()  # the lock goes with the process anyway; this is the tidy way
     if not opening.done():  # left before the model had loaded: nothing was changed or written
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # the loading thread may be inside a native library; do not wait for it
     if opening.session is not None:
-        opening.session.close()
         opening.session.engine.close()
     return code
 
