@@ -196,7 +196,13 @@ class Repl:
             elif app.is_running:
                 app.invalidate()  # the toolbar's "loading" line goes
 
-        self.opening.on_done(lambda: loop.call_soon_threadsafe(stop))
+        def from_opening_thread() -> None:
+            try:
+                loop.call_soon_threadsafe(stop)
+            except RuntimeError:  # that prompt has ended and its loop is closed: nothing to stop
+                return
+
+        self.opening.on_done(from_opening_thread)
 
     # --- output helpers --------------------------------------------------------------
     def write(self, text: str) -> None:

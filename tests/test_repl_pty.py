@@ -132,6 +132,7 @@ def test_full_session_on_a_real_terminal(endless_model: Path, tmp_path: Path) ->
     finally:
         child.close()
     assert child.exitstatus == 0
+    assert "Traceback" not in (tmp_path / "pty.log").read_text()  # e.g. from the loading thread
     saved = tmp_path / "art" / "users" / "alice" / "lora_on_user.safetensors"
     assert saved.exists() and (tmp_path / "art" / "users" / "bob" / "lora_on_user.safetensors").exists()
     history = (tmp_path / "history").read_text()
