@@ -1,11 +1,10 @@
 """The chat engine: one model, one memory module, one conversation. The Python API.
 
-Owns the conversation (messages, system prompt), the memory module's life cycle (create,
-hook, learn after each user message in the background, save, load, reset), the guard around
-each update (a state that is not finite afterwards is rolled back) and the crash-safe
-autosave after it, context-window trimming and per-turn results. Scripts, benchmarks and the CLI all drive it through
-`ChatEngine`. It holds no UI code: notices go to a callback, text comes back as
-`GenerationResponse` objects.
+Owns the conversation (messages, system prompt), the memory module's life cycle (create, hook, learn
+after each user message in the background, save, load, reset), the guard around each update (a state
+that is not finite afterwards is rolled back) and the crash-safe autosave after it, context-window
+trimming and per-turn results. Scripts, benchmarks and the CLI all drive it through `ChatEngine`. It
+holds no UI code: notices go to a callback, text comes back as `GenerationResponse` objects.
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ class ChatEngine:
                                     seed=config.seed, options=config.memory_options)
         self._install(self.module)
         self._consolidator: Consolidator | None = None
-        self._consolidation = ConsolidationConfig.from_strings(config.consolidation_options)  # bad value: fails here
+        self._consolidation = ConsolidationConfig.from_strings(config.consolidation_options)
         if config.consolidate:
             self.set_consolidate(True)
         if config.decoding.strategy == "beam" and not backend.supports_beam:

@@ -469,6 +469,7 @@ class BackendView:
     def stored(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """`memo` for arrays that are also kept on disk, so a new process skips the computation
         (`lmm.model_cache`); the key must change whenever what `compute` does changes."""
-        b = self._backend
-        return self.memo(("stored", key), lambda: cached_arrays(
-            model_fingerprint(b.model_path, b.model_id, b.name, b.precision), key, compute))
+        b = self._backend  # the model folder is read once per view, not once per key
+        fingerprint = self.memo("fingerprint", lambda: model_fingerprint(b.model_path, b.model_id, b.name,
+                                                                         b.precision))
+        return self.memo(("stored", key), lambda: cached_arrays(fingerprint, key, compute))

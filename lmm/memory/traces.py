@@ -98,23 +98,29 @@ def storage_dtype(name: str) -> np.dtype:
     return np.dtype(np.uint8 if name == "int4" else name)
 
 
-def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of `x` as int8 times a float32 scale per row (the row's largest magnitude over 127)."""
+def _round_rows(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `x` as integers in [-levels, levels] and a float32 scale per row (its largest magnitude
+    over `levels`)."""
     x = np.asarray(x, dtype=np.float32)
-    scale = np.maximum(np.abs(x).max(axis=-1), 1e-12) / 127.0
-    return np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8), scale.astype(np.float32)
+    scale = np.maximum(np.abs(x).max(axis=-1), 1e-12) / levels
+    return np.clip(np.rint(x / scale[..., None]), -levels, levels), scale.astype(np.float32)
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `x` as int8 times a float32 scale per row."""
+    q, scale = _round_rows(x, 127)
+    return q.astype(np.int8), scale
 
 
 def pack4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `x` (even width) as 4-bit integers in [-7, 7], two per byte, and a float32 scale per row.
     On the development facts, routing ranks the right trace first as often as with int8 when the rows
     are centred first (docs/trace_bank.md)."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.shape[-1] % 2:
-        raise ValueError(f"int4 storage needs an even width, got {x.shape[-1]}")
-    scale = np.maximum(np.abs(x).max(axis=-1), 1e-12) / 7.0
-    q = (np.clip(np.rint(x / scale[..., None]), -7, 7) + 8).astype(np.uint8)
-    return (q[..., 0::2] << 4) | q[..., 1::2], scale.astype(np.float32)
+    if np.shape(x)[-1] % 2:
+        raise ValueError(f"int4 storage needs an even width, got {np.shape(x)[-1]}")
+    q, scale = _round_rows(x, 7)
+    q = (q + 8).astype(np.uint8)
+    return (q[..., 0::2] << 4) | q[..., 1::2], scale
 
 
 def unpack4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
