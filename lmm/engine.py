@@ -429,7 +429,7 @@ class ChatEngine:
         """Replace the memory with a saved one. On any error the current memory stays as it was."""
         self.wait_for_update()
         path = Path(path)
-        header, tensors = read_state(path)
+        header, tensors = read_state(path, mapped=lambda h: h.module == self.module.name and self.module.maps_state)
         check_compatible(header, path, module=self.module.name, model_id=self.backend.model_id,
                          hidden_size=self.backend.hidden_size, layer=self.layer)
         spec = get_memory_spec(header.module)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,8 +116,11 @@ def save_state(path: Path, header: StateHeader, tensors: dict[str, np.ndarray]) 
         os.close(dir_fd)
 
 
-def read_state(path: Path) -> tuple[StateHeader, dict[str, np.ndarray]]:
-    """Read header and tensors; any problem becomes a one-line StateFileError."""
+def read_state(path: Path, *, mapped: bool | Callable[[StateHeader], bool] = False
+               ) -> tuple[StateHeader, dict[str, np.ndarray]]:
+    """Read header and tensors; any problem becomes a one-line StateFileError. `mapped` (or what it
+    says of the header): the tensors are read-only views of the file mapped into memory, whose pages
+    are read when touched, so opening a memory of any size costs the same."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -124,7 +128,9 @@ def read_state(path: Path) -> tuple[StateHeader, dict[str, np.ndarray]]:
         with safe_open(str(path), framework="numpy") as fh:
             meta = fh.metadata() or {}
             header = StateHeader.from_metadata(meta, path)
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            if callable(mapped):
+                mapped = mapped(header)
+            tensors = _mapped_tensors(path) if mapped else {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         if isinstance(exc, StateFileError):
             raise
@@ -138,6 +144,39 @@ def read_state(path: Path) -> tuple[StateHeader, dict[str, np.ndarray]]:
             f"{path}: state format version {header.format_version}, this lmm reads {FORMAT_VERSION}"
         )
     return header, tensors
+
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _mapped_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file (already opened and checked by `safe_open`) as read-only
+    views of one memory map: nothing is copied. The mapping stays valid after the file is replaced
+    (an atomic save renames a new file over it)."""
+    import mmap
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise ValueError("empty file")
+        buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    n = int.from_bytes(buffer[:8], "little")
+    entries = json.loads(bytes(buffer[8: 8 + n]))
+    out = {}
+    for name, entry in entries.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"tensor {name} has dtype {entry.get('dtype')}, which lmm does not store")
+        begin, end = (8 + n + int(x) for x in entry["data_offsets"])
+        shape = tuple(int(x) for x in entry["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if end > size or end - begin != count * np.dtype(dtype).itemsize:
+            raise ValueError(f"tensor {name} lies outside the file")
+        out[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=begin).reshape(shape)
+    return out
 
 
 def check_compatible(header: StateHeader, path: Path, *, module: str, model_id: str,

@@ -162,6 +162,8 @@ class MemoryModule(ABC):
     # Saved buffers named `*_at` hold wall-clock times: two runs of the same session differ there.
     # buffers that are per-session and not part of the saved state
     transient_buffers: ClassVar[tuple[str, ...]] = ()
+    # True: `load_state_tensors` takes read-only views of the mapped state file and copies what it changes
+    maps_state: ClassVar[bool] = False
 
     def __init__(self, config: MemoryConfig, *, hidden_size: int, ops: Ops, seed: int) -> None:
         self.config = config
