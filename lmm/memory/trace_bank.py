@@ -33,6 +33,7 @@ from lmm.memory.base import DirectMemory, MemoryConfig, MemoryItem, RewriteConte
 from lmm.memory.registry import register
 from lmm.memory.trace_gate import is_question, sentences
 from lmm.memory.trace_routing import TraceRouting
+from lmm.memory.trace_store import TraceStore
 from lmm.memory.traces import (
     OPTIONAL_KEYS,
     RETIRED_KEYS,
@@ -40,9 +41,8 @@ from lmm.memory.traces import (
     Lru,
     Trace,
     late_interaction,
-    pack_traces,
     storage_dtype,
-    unpack_traces,
+    trace_columns,
 )
 from lmm.ops import Array, Ops
 from lmm.types import ExtraKV, ModelView
@@ -116,6 +116,7 @@ class TraceBankConfig(MemoryConfig):
 class TraceBank(TraceRouting, DirectMemory):
     name = "trace_bank"
     config_cls = TraceBankConfig
+    maps_state = True  # the traces stay in the state file's mapped pages until touched (`TraceStore`)
 
     def __init__(self, config: MemoryConfig, *, hidden_size: int, ops: Ops, seed: int) -> None:
         super().__init__(config, hidden_size=hidden_size, ops=ops, seed=seed)
@@ -124,10 +125,9 @@ class TraceBank(TraceRouting, DirectMemory):
             raise ValueError(f"dtype int4 needs an even hidden size, the model has {hidden_size}")
         self.model: ModelView | None = None
         self.layer: int | None = None
-        self.traces: list[Trace] = []
+        self.traces = self._empty_store()
         self.center: np.ndarray | None = None  # float32 [d]
         self.clock = 0
-        self._uids = 0
         self._keys: Lru[int, np.ndarray] = Lru(1024)  # normalised centred routing states by trace uid
         self._extras: Lru[tuple[int, ...], ExtraKV] = Lru(8)  # read blocks of the last selections
         self._queries: Lru[str, tuple[np.ndarray, np.ndarray]] = Lru(32)
@@ -137,6 +137,9 @@ class TraceBank(TraceRouting, DirectMemory):
         self._sentences: np.ndarray | None = None  # normalised centred trace sentence states (spare rows)
         self._sentence_rows = 0  # rows of _sentences filled, for traces[:_sentence_rows]
         self.last_route: dict[str, Any] | None = None
+
+    def _empty_store(self) -> TraceStore:
+        return TraceStore(self.hidden_size, storage_dtype(self.cfg.dtype), quantized=self.cfg.dtype in ("int4", "int8"))
 
     # --- layout -------------------------------------------------------------------------------
     def attach(self, model: ModelView, layer: int) -> None:
@@ -225,43 +228,47 @@ class TraceBank(TraceRouting, DirectMemory):
         """Relate a new trace (its normalised routing and sentence states) to the current ones before
         it is added: a restatement overwrites its twin; with `supersede_on_write`, a statement about
         the same thing supersedes the older ones (kept as history)."""
-        live = [i for i, t in enumerate(self.traces) if t.current]
-        if not live:
+        live = np.flatnonzero(self.traces.current)
+        if not len(live):
             return "stored"
         tokens, sentences_ = self._score_states(query, whole)
-        best = max(live, key=lambda i: float(tokens[i]))
+        best = int(live[np.argmax(tokens[live])])
         old = self._trace_keys(best)
         back = float(late_interaction(old, query, np.zeros(1, dtype=np.int64))[0])
         if min(float(late_interaction(query, old, np.zeros(1, dtype=np.int64))[0]), back) >= self.cfg.dedupe:
-            gone = self.traces.pop(best)
+            trace.used = max(trace.used, int(self.traces.used[best]))
+            self.traces.drop([best])
             self._traces_changed()
-            trace.used = max(trace.used, gone.used)
             return "restated"
         if not self.cfg.supersede_on_write:
             return "stored"
-        stale = [i for i in live if tokens[i] >= self.cfg.supersede and sentences_[i] >= self.cfg.supersede_sentence]
-        for i in stale:  # superseded traces score -inf from now on (`scores`); nothing cached reads them
-            self.traces[i].replaced_by = trace.written
-        if stale:
+        stale = live[(tokens[live] >= self.cfg.supersede) & (sentences_[live] >= self.cfg.supersede_sentence)]
+        # superseded traces score -inf from now on (`scores`); nothing cached reads them
+        self.traces.set("replaced_by", stale, trace.written)
+        if len(stale):
             return "stored (replacing: " + "; ".join(self._text(self.traces[i]) for i in stale) + ")"
         return "stored"
 
     def _add(self, trace: Trace) -> list[str]:
         """Store `trace`; past `max_traces` or `max_bytes`, drop the least recently read (then oldest)
         other traces, superseded ones first, and return their statements."""
-        self._uids += 1
-        trace.uid = self._uids
-        self.traces.append(trace)
-        dropped = []
-        total = self.stored_bytes()  # once per write; each drop subtracts its own bytes
-        while len(self.traces) > 1 and (len(self.traces) > self.cfg.max_traces or total > self.cfg.max_bytes):
-            victim = min(range(len(self.traces) - 1),
-                         key=lambda i: (self.traces[i].current, self.traces[i].used, self.traces[i].written))
-            gone = self.traces.pop(victim)
-            total -= _trace_bytes(gone)
-            dropped.append(self._text(gone))
-        if dropped:  # an append alone extends the index in place
-            self._traces_changed()
+        trace.uid = self.traces.append(trace)
+        store, n = self.traces, len(self.traces)
+        sizes = store.row_bytes()
+        total = int(sizes.sum())
+        if n <= self.cfg.max_traces and total <= self.cfg.max_bytes:
+            return []  # an append alone extends the index in place
+        # superseded first, then least recently read, then oldest; never the new trace
+        order = np.lexsort((store.written[:-1], store.used[:-1], store.current[:-1]))
+        victims: list[int] = []
+        for victim in order.tolist():
+            if n - len(victims) <= 1 or (n - len(victims) <= self.cfg.max_traces and total <= self.cfg.max_bytes):
+                break
+            victims.append(victim)
+            total -= int(sizes[victim])
+        dropped = [self._text(store[i]) for i in victims]
+        store.drop(victims)
+        self._traces_changed()
         return dropped
 
     def items(self) -> list[MemoryItem]:
@@ -271,20 +278,20 @@ class TraceBank(TraceRouting, DirectMemory):
                            replaced_by=number.get(t.replaced_by)) for t in ordered]
 
     def forget_item(self, index: int) -> str:
-        ordered = sorted(range(len(self.traces)), key=lambda i: self.traces[i].written)
+        ordered = np.argsort(self.traces.written, kind="stable")
         if not 0 <= index < len(ordered):
             raise ValueError(f"no item {index + 1}: the memory holds {len(ordered)}")
-        trace = self.traces.pop(ordered[index])
-        for other in self.traces:  # what it had replaced is current again only if nothing newer did
-            if other.replaced_by == trace.written:
-                other.replaced_by = -1
+        trace = self.traces[int(ordered[index])]
+        self.traces.drop([int(ordered[index])])
+        # what it had replaced is current again only if nothing newer did
+        self.traces.set("replaced_by", np.flatnonzero(self.traces.replaced_by == trace.written), -1)
         self._traces_changed()
         if self.model is not None:
             self.model.read(None)
         return self._text(trace)
 
     def stored_bytes(self) -> int:
-        return sum(_trace_bytes(t) for t in self.traces)
+        return int(self.traces.row_bytes().sum())
 
     # --- read ------------------------------------------------------------------------------------------
     def before_reply(self, messages: Sequence[dict[str, str]]) -> None:
@@ -304,8 +311,7 @@ class TraceBank(TraceRouting, DirectMemory):
             self._model.read(None)
             return
         if count_use:
-            for i in chosen:
-                self.traces[i].used = self.clock
+            self.traces.set("used", chosen, self.clock)
             self.clock += 1
         self._model.read(self._extra([self.traces[i] for i in chosen]))
 
@@ -346,12 +352,12 @@ class TraceBank(TraceRouting, DirectMemory):
     def summary(self) -> dict[str, Any]:
         n_bytes = self.stored_bytes()
         return {
-            "traces": len(self.traces), "current": sum(t.current for t in self.traces),
-            "max_traces": self.cfg.max_traces, "trace_tokens": int(sum(len(t.token_ids) for t in self.traces)),
+            "traces": len(self.traces), "current": int(self.traces.current.sum()),
+            "max_traces": self.cfg.max_traces, "trace_tokens": int(self.traces.token_counts.sum()),
             "bytes": int(n_bytes),
             "full": f"{max(len(self.traces) / self.cfg.max_traces, n_bytes / self.cfg.max_bytes):.1%}",
             "last_route": self.last_route,
-            "recent": [self._text(t) for t in sorted(self.traces, key=lambda t: -t.used)[:5]],
+            "recent": [self._text(self.traces[int(i)]) for i in np.argsort(-self.traces.used, kind="stable")[:5]],
         }
 
     # --- state ---------------------------------------------------------------------------------------------
@@ -359,7 +365,7 @@ class TraceBank(TraceRouting, DirectMemory):
         out: dict[str, np.ndarray] = {"buffer.clock": np.asarray([self.clock], dtype=np.int64)}
         if self.center is not None:
             out["buffer.center"] = self.center.astype(np.float32)
-        out.update(pack_traces(self.traces))
+        out.update(self.traces.tensors())
         return out
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
@@ -374,22 +380,18 @@ class TraceBank(TraceRouting, DirectMemory):
         if center is not None and center.shape != (self.hidden_size,):
             raise StateError(f"tensor buffer.center has shape {center.shape}, module {self.name} expects "
                              f"({self.hidden_size},)")
-        unpacked = unpack_traces(tensors, self.hidden_size, self.name)
-        if unpacked and center is None:
+        columns = trace_columns(tensors, self.hidden_size, self.name)
+        if columns is not None and center is None:
             raise StateError(f"inconsistent trace tensors in state for module {self.name}")
         center = None if center is None else np.asarray(center, dtype=np.float32)
-        target = storage_dtype(self.cfg.dtype)  # a file of another storage (format 1: float16) is converted
-        traces = [t if t.route.dtype == target else t.stored_as(self.cfg.dtype, center) for t in unpacked]
-        self.traces = []
-        for trace in traces:
-            self._uids += 1
-            trace.uid = self._uids
-            self.traces.append(trace)
-        self.center = center
-        self.clock = max(int(tensors["buffer.clock"][0]), max((t.written + 1 for t in traces), default=0))
+        store = self._empty_store() if columns is None else TraceStore.from_columns(columns, self.hidden_size)
+        if store.route.head.dtype != storage_dtype(self.cfg.dtype):  # another storage (format 1: float16)
+            converted = self._empty_store()
+            for trace in store:
+                converted.append(trace.stored_as(self.cfg.dtype, center))
+            store = converted
+        self.traces, self.center = store, center
+        written = int(store.written.max()) + 1 if len(store) else 0
+        self.clock = max(int(tensors["buffer.clock"][0]), written)
         self._model_changed()  # the loaded centre changes every encoded message
 
-
-def _trace_bytes(trace: Trace) -> int:
-    scales = 0 if trace.route_scale is None else trace.route_scale.nbytes + trace.sentence_scale.nbytes
-    return int(trace.route.nbytes + trace.sentence.nbytes + trace.token_ids.nbytes + scales + 40)  # 40: scalars

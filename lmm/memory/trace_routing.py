@@ -27,6 +27,8 @@ from lmm.types import Captured, ModelView
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from lmm.memory.trace_store import TraceStore
+
 
 class TraceRouting:
     """Encoding and the two routing stages, for `TraceBank` (which sets the attributes below)."""
@@ -34,7 +36,7 @@ class TraceRouting:
     cfg: Any  # TraceBankConfig
     ops: Ops
     model: ModelView | None
-    traces: list[Trace]
+    traces: TraceStore
     center: np.ndarray | None
     routing: int
     sentence_layer: int
@@ -140,17 +142,17 @@ class TraceRouting:
                 grown[:built] = self._sentences[:built]
             self._sentences = grown
         if built < n:
-            stacked = np.stack([t.sentence_state() for t in self.traces[built:]])
+            stacked = self.traces.sentence_states(built, n)
             self._sentences[built:n] = normalize(stacked - self._ensure_sentence_center())
             self._sentence_rows = n
         return self._sentences[:n]
 
     def _trace_keys(self, i: int) -> np.ndarray:
         """Trace `i`'s routing states, centred and normalised (cached for the recently scored)."""
-        trace = self.traces[i]
-        keys = self._keys.get(trace.uid)
+        uid = int(self.traces.uid[i])
+        keys = self._keys.get(uid)
         if keys is None:
-            keys = self._keys.put(trace.uid, normalize(trace.centred_route(self._ensure_center())))
+            keys = self._keys.put(uid, normalize(self.traces.centred_route(i, self._ensure_center())))
         return keys
 
     def _score_states(self, query: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +180,7 @@ class TraceRouting:
             t, s = self._score_states(*self._query_states(part))
             tokens.append(t)
             whole.append(s)
-        stale = np.asarray([not t.current for t in self.traces])
+        stale = ~self.traces.current
         return np.where(stale, -np.inf, np.max(tokens, axis=0)), np.where(stale, -np.inf, np.max(whole, axis=0))
 
     def margins(self, text: str) -> np.ndarray:
@@ -208,12 +210,12 @@ class TraceRouting:
         chosen: list[int] = []
         budget = self.cfg.read_budget
         for i in order[: self.cfg.max_read]:
-            n = len(self.traces[i].token_ids)
+            n = int(self.traces.token_counts[i])
             if chosen and (gains[i] < gains[order[0]] - self.cfg.read_spread or n > budget):
                 break
             chosen.append(i)
             budget -= n
-        return (sorted(chosen, key=lambda i: self.traces[i].written),
+        return (sorted(chosen, key=lambda i: int(self.traces.written[i])),
                 {self._text(self.traces[i]): round(gains[i], 3) for i in first})
 
     def _corrected(self, order: list[int], gains: dict[int, float]) -> list[int]:

@@ -1,9 +1,9 @@
 """Trace records for `trace_bank`: the routing arithmetic and the state layout.
 
 Owns what a trace is (`Trace`), the late-interaction score, the neutral sentences that centre and
-weight routing states, and how a list of traces is packed into / checked and unpacked from flat
-safetensors tensors (format 2, compact; format-1 files are read and upgraded). It holds no model
-code: encoding text, routing decisions and reading traces live in `trace_bank`.
+weight routing states, and the checks of a state file's trace tensors (format 2, compact; format-1
+files are read and upgraded). It holds no model code: encoding text, routing decisions and reading
+traces live in `trace_bank`; where the traces are kept, in `trace_store`.
 """
 
 from __future__ import annotations
@@ -183,32 +183,16 @@ OPTIONAL_KEYS = ("said_at", "replaced_by", "route_scale", "sentence_scale")  # a
 RETIRED_KEYS = ("keys", "values", "starts")  # format 1's stored keys/values: dropped on load
 
 
-def pack_traces(traces: list[Trace]) -> dict[str, np.ndarray]:
-    """The traces as flat `buffer.*` tensors (only the format tag for no traces)."""
-    out = {"buffer.trace_format": np.asarray([TRACE_FORMAT], dtype=np.int32)}
-    if not traces:
-        return out
-    t = traces
-    out.update({
-        "buffer.route": np.concatenate([x.route for x in t]),
-        "buffer.sentence": np.stack([x.sentence for x in t]),
-        "buffer.token_ids": np.concatenate([x.token_ids for x in t]),
-        "buffer.trace_tokens": np.asarray([len(x.token_ids) for x in t], dtype=np.int32),
-        "buffer.route_tokens": np.asarray([len(x.route) for x in t], dtype=np.int32),
-        "buffer.written": np.asarray([x.written for x in t], dtype=np.int64),
-        "buffer.used": np.asarray([x.used for x in t], dtype=np.int64),
-        "buffer.said_at": np.asarray([x.said_at for x in t], dtype=np.float64),
-        "buffer.replaced_by": np.asarray([x.replaced_by for x in t], dtype=np.int64),
-    })
-    if t[0].route_scale is not None:  # int8 states (every trace of a memory is stored alike)
-        out["buffer.route_scale"] = np.concatenate([x.route_scale for x in t]).astype(np.float32)
-        out["buffer.sentence_scale"] = np.concatenate([x.sentence_scale for x in t]).astype(np.float32)
-    return out
+def _distinct(values: np.ndarray) -> bool:
+    ordered = np.sort(values)
+    return bool((ordered[1:] != ordered[:-1]).all())
 
 
-def unpack_traces(tensors: dict[str, np.ndarray], hidden_size: int, module: str) -> list[Trace]:
-    """Traces from `pack_traces` output, or from a format-1 file (its keys/values are dropped: they
-    are rebuilt from the token ids when read). StateError naming the problem when tensors disagree."""
+def trace_columns(tensors: dict[str, np.ndarray], hidden_size: int, module: str) -> dict[str, np.ndarray] | None:
+    """The checked trace columns of a state file (format 2, or format 1 whose keys/values are dropped:
+    they are rebuilt from the token ids when read), keyed as `TRACE_KEYS` plus `said_at`,
+    `replaced_by` (filled in for older files) and the scales of quantised states; None for no traces.
+    Nothing is copied. StateError naming the problem when tensors disagree."""
     fmt = tensors.get("buffer.trace_format")
     version = 1 if fmt is None else int(np.asarray(fmt).reshape(-1)[0])
     if version not in (1, TRACE_FORMAT):
@@ -219,14 +203,14 @@ def unpack_traces(tensors: dict[str, np.ndarray], hidden_size: int, module: str)
         raise StateError(f"state is missing tensor(s) {', '.join('buffer.' + k for k in missing)} "
                          f"for module {module}")
     if not present:
-        return []
+        return None
     g = {k: tensors[f"buffer.{k}"] for k in TRACE_KEYS}
     lens, rlens, n = g["trace_tokens"], g["route_tokens"], len(g["trace_tokens"])
     width = hidden_size // 2 if g["route"].dtype == np.uint8 else hidden_size  # int4: two per byte
     ok = (g["route"].ndim == 2 and g["route"].shape == (int(rlens.sum()), width)
           and int(lens.sum()) == len(g["token_ids"]) and g["sentence"].shape == (n, hidden_size)
           and all(len(g[k]) == n for k in ("route_tokens", "written", "used"))
-          and (lens > 0).all() and (rlens > 0).all() and len(set(g["written"].tolist())) == n)
+          and bool((lens > 0).all()) and bool((rlens > 0).all()) and _distinct(g["written"]))
     if version == 1 and "buffer.keys" in tensors:
         ok = ok and tensors["buffer.keys"].ndim == 4 and tensors["buffer.keys"].shape[2] == int(lens.sum())
     extra = {k: tensors.get(f"buffer.{k}") for k in OPTIONAL_KEYS}
@@ -237,14 +221,9 @@ def unpack_traces(tensors: dict[str, np.ndarray], hidden_size: int, module: str)
     ok = ok and (not quantized or extra["route_scale"].shape == (int(rlens.sum()),))
     if not ok:
         raise StateError(f"inconsistent trace tensors in state for module {module}")
-    said = extra["said_at"].tolist() if extra["said_at"] is not None else [float("nan")] * n
-    replaced = extra["replaced_by"].tolist() if extra["replaced_by"] is not None else [-1] * n
-    token_ids, route, sentence = g["token_ids"].astype(np.int32), g["route"], g["sentence"]
-    scale, sentence_scale = extra["route_scale"], extra["sentence_scale"]
-    ends, route_ends = np.cumsum(lens).tolist(), np.cumsum(rlens).tolist()  # plain slices: np.split is slow
-    starts, route_starts = [0, *ends[:-1]], [0, *route_ends[:-1]]
-    return [Trace(token_ids=token_ids[starts[i]: ends[i]], route=route[route_starts[i]: route_ends[i]],
-                  sentence=sentence[i], written=w, used=u, said_at=said[i], replaced_by=replaced[i],
-                  route_scale=scale[route_starts[i]: route_ends[i]] if quantized else None,
-                  sentence_scale=sentence_scale[i: i + 1] if quantized else None)
-            for i, (w, u) in enumerate(zip(g["written"].tolist(), g["used"].tolist(), strict=True))]
+    columns = dict(g, token_ids=g["token_ids"].astype(np.int32, copy=False))
+    columns["said_at"] = extra["said_at"] if extra["said_at"] is not None else np.full(n, np.nan)
+    columns["replaced_by"] = extra["replaced_by"] if extra["replaced_by"] is not None else np.full(n, -1)
+    if quantized:
+        columns["route_scale"], columns["sentence_scale"] = extra["route_scale"], extra["sentence_scale"]
+    return columns
