@@ -64,6 +64,15 @@ class ChatFormatter:
     def generation_ids(self, messages: Sequence[Message]) -> list[int]:
         return self.encode(self.render(messages, add_generation_prompt=True))
 
+    def fitted_ids(self, msgs: list[Message], first: int, limit: int, keep: int) -> list[int]:
+        """Drop the oldest exchanges of `msgs` in place (from index `first`, keeping at least `keep`
+        messages there) until the prompt is at most `limit` tokens; return the prompt's ids."""
+        prompt = self.generation_ids(msgs)
+        while len(prompt) > limit and len(msgs) - first > keep:
+            del msgs[first:first + 2]
+            prompt = self.generation_ids(msgs)
+        return prompt
+
     def user_turn(self, messages: Sequence[Message], index: int) -> UserTurn:
         """Split the rendering of `messages[: index + 1]` around the user turn at `index`."""
         if messages[index]["role"] != "user":

@@ -37,7 +37,9 @@ from lmm.state import (
     iso_time,
     nonfinite_tensor,
     now_iso,
+    promote,
     read_state,
+    recovery_path,
     save_state,
 )
 from lmm.turns import GenerationResponse, TurnResult
@@ -100,6 +102,7 @@ class ChatEngine:
         self._updated_in_background = False  # the update thread has run: it must release what it holds
         self.autosave_path: Path | None = None  # set_autosave: written after every change of the memory
         self.saved_as: Path | None = None  # the file that holds exactly this memory (None: changed since)
+        self._autosaved = False  # the autosave file holds exactly this memory: a save renames it
         self._state: dict[str, np.ndarray] | None = None  # the module's state after its last good update
         self.module = create_memory(config.memory, hidden_size=backend.hidden_size, ops=backend.ops,
                                     seed=config.seed, options=config.memory_options)
@@ -149,7 +152,8 @@ class ChatEngine:
             self.config.decoding, max_tokens=max_tokens)
         system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         msgs = system + [dict(m) for m in messages]
-        prompt = self._drop_oldest(msgs, len(system), decoding.max_tokens, keep=2)
+        prompt = self.backend.formatter.fitted_ids(msgs, len(system), self.backend.context_length
+                                                   - decoding.max_tokens, keep=2)
         if memory:
             self._claim()
             self._read(msgs)
@@ -238,22 +242,12 @@ class ChatEngine:
         self.backend.reset_session()
         self.module.reset_session()
 
-    def _drop_oldest(self, msgs: list[Message], first: int, max_tokens: int, keep: int) -> list[int]:
-        """Drop the oldest exchanges of `msgs` (from index `first`, keeping at least `keep` messages there)
-        until the prompt leaves room for `max_tokens`; return the prompt's ids."""
-        fmt = self.backend.formatter
-        prompt = fmt.generation_ids(msgs)
-        while len(prompt) > self.backend.context_length - max_tokens and len(msgs) - first > keep:
-            del msgs[first:first + 2]
-            prompt = fmt.generation_ids(msgs)
-        return prompt
-
     def _fit_context(self) -> list[int]:
         fmt = self.backend.formatter
         budget = self.backend.context_length - self.config.decoding.max_tokens
         msgs = self.chat_messages()
         first = len(msgs) - len(self.messages)
-        prompt = self._drop_oldest(msgs, first, self.config.decoding.max_tokens, keep=1)
+        prompt = fmt.fitted_ids(msgs, first, budget, keep=1)
         self.messages[:] = msgs[first:]
         if len(prompt) > budget:
             content = self.messages[-1]["content"]
@@ -284,6 +278,7 @@ class ChatEngine:
         """One update, guarded: a state that is not finite afterwards is undone; a good one is autosaved."""
         before = self._state if self._state is not None else self._snapshot()
         count = self.module.update_count
+        self._autosaved = False
         self._claim()
         if self.consolidating:
             summary = consolidate_message(self._consolidator_for(), self.module, self.hook, self.log, messages, index,
@@ -388,15 +383,18 @@ class ChatEngine:
         """Autosave the memory to `path` after every update, forget and load (None: stop)."""
         self.wait_for_update()
         self.autosave_path = Path(path) if path is not None else None
+        self._autosaved = False
 
     def _write_autosave(self, tensors: dict[str, np.ndarray] | None = None) -> None:
         if self.autosave_path is not None:
             save_state(self.autosave_path, self.header(), tensors if tensors is not None else self._snapshot())
+        self._autosaved = self.autosave_path is not None
 
     def _install(self, module: MemoryModule) -> None:
         module.attach(self.backend.view(), self.layer)  # may refuse the module: nothing changed yet
         self.module = module
         self._state = self.saved_as = None
+        self._autosaved = False
         self.last_update = None  # it described another memory (e.g. the previous user's)
         self.hook = MemoryHook(module, self.log, layer=self.layer, backend=self.backend.name,
                                model=self.backend.model_id, log_activations=self.config.log_activations)
@@ -421,7 +419,11 @@ class ChatEngine:
         """Save the memory atomically (after any pending update); return the path written."""
         self.wait_for_update()
         target = Path(path) if path else default_save_path(self.module.name, artifacts_dir())
-        save_state(target, self.header(), self.module.state_tensors())
+        if self._autosaved and self.autosave_path == recovery_path(target) and self.autosave_path.exists():
+            promote(self.autosave_path, target)  # a large memory is not written twice
+            self._autosaved = False
+        else:
+            save_state(target, self.header(), self.module.state_tensors())
         self.saved_as = target
         return target
 

@@ -109,7 +109,18 @@ def save_state(path: Path, header: StateHeader, tensors: dict[str, np.ndarray]) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def promote(source: Path, path: Path) -> None:
+    """Make an already written state file (an autosave beside `path`) the file at `path`: one atomic
+    rename instead of writing the memory again."""
+    os.replace(source, path)
+    _fsync_dir(Path(path).parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

@@ -147,6 +147,31 @@ def test_nonfinite_update_is_rolled_back(tiny_engine: ChatEngine, tmp_path: Path
     assert engine.ask("a bird sang").update.rolled_back is None and engine.module.update_count == 2
 
 
+def test_a_save_renames_an_autosave_that_holds_the_same_memory(tiny_engine: ChatEngine, tmp_path: Path) -> None:
+    """Saving right after an update's autosave renames the autosave instead of writing the memory again
+    (a 10,000-fact memory: 300 ms -> 1 ms); the file holds the same tensors. Positive control: a save
+    to a path the autosave does not stand for is written and leaves the autosave in place."""
+    engine = tiny_engine
+    target = tmp_path / "mem.safetensors"
+    auto = recovery_path(target)
+    engine.set_autosave(auto)
+    engine.ask("the cat sat on the mat")
+    engine.wait_for_update()
+    inode, state = auto.stat().st_ino, {k: v.copy() for k, v in engine.module.state_tensors().items()}
+    other = engine.save_memory(tmp_path / "elsewhere.safetensors")
+    assert auto.exists() and other.stat().st_ino != inode
+    engine.save_memory(target)
+    assert not auto.exists() and target.stat().st_ino == inode
+    header, saved = read_state(target)
+    assert header.update_count == 1 and sorted(saved) == sorted(state)
+    assert all(np.array_equal(saved[k], state[k]) for k in state)
+    engine.ask("a dog barked at the moon")  # the next change is autosaved again, and saved by renaming
+    engine.wait_for_update()
+    inode = auto.stat().st_ino
+    engine.save_memory(target)
+    assert target.stat().st_ino == inode and read_state(target)[0].update_count == 2
+
+
 # --- the loader under fuzzing -------------------------------------------------------------------
 
 
