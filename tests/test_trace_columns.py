@@ -115,3 +115,36 @@ def _owner(array: np.ndarray) -> object:
         array = array.base
     base = array.base
     return base.obj if isinstance(base, memoryview) else base
+
+
+def test_mangled_trace_files_are_refused_in_one_line_or_load_whole(tiny_backend, tmp_path: Path) -> None:
+    """The mapped reader under fuzzing (each case its own file: lmm never rewrites a file in place)."""
+    import random
+
+    from test_state_safety import _mutations
+
+    from lmm.state import StateFileError
+
+    be = tiny_backend("torch")
+    eng = engine(be, dtype="int4")
+    try:
+        for text in (FACT, OTHER):
+            teach(eng, text)
+        data = eng.save_memory(tmp_path / "good.safetensors").read_bytes()
+        rng = random.Random(1)
+        outcomes = {"loaded": 0, "refused": 0}
+        for i in range(300):
+            path = tmp_path / f"fuzz{i}.safetensors"
+            path.write_bytes(_mutations(data, rng))
+            try:
+                eng.load_memory(path)
+                outcomes["loaded"] += 1
+                tensors = bank(eng).state_tensors()  # every mapped page is read
+                assert all(np.isfinite(v).all() for v in tensors.values() if v.dtype.kind == "f")
+                bank(eng).select("What is my name?")
+            except StateFileError as exc:
+                assert "\n" not in str(exc) and str(path) in str(exc)
+                outcomes["refused"] += 1
+        assert outcomes["refused"] > 150 and outcomes["loaded"] > 0, outcomes
+    finally:
+        eng.close()

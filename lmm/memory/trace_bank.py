@@ -60,6 +60,7 @@ class TraceBankConfig(MemoryConfig):
     max_query_sentences: int = 4  # the first sentences of a longer message also route on their own
     shortlist: int = 256  # first stage: token-level scores for this many traces of best whole-turn cosine
     candidates: int = 4  # the first stage's best few, which the second stage checks with the model
+    check_margin: float = -2.0  # ... those at least this far past the nearer threshold (a margin of -2: all)
     relevance: float = 0.85  # second stage: a trace is read when its gain + margin_weight * margin reaches this
     margin_weight: float = 2.0  # (gain: mean log-probability gain of the message's tokens after the statement)
     max_read: int = 3  # traces read for one reply at most
@@ -89,6 +90,8 @@ class TraceBankConfig(MemoryConfig):
         return values
 
     def __post_init__(self) -> None:
+        if not -2.0 <= self.check_margin <= 2.0:
+            raise ValueError(f"check_margin must be in [-2, 2] (a difference of cosines), got {self.check_margin}")
         for name in ("threshold", "sentence_threshold"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a cosine in [-1, 1], got {getattr(self, name)}")
@@ -377,6 +380,8 @@ class TraceBank(TraceRouting, DirectMemory):
         if "buffer.clock" not in tensors:
             raise StateError(f"state is missing tensor buffer.clock for module {self.name}")
         center = tensors.get("buffer.center")
+        if center is not None and not bool((np.abs(center) < 1e6).all()):  # a damaged file: routing would overflow
+            raise StateError(f"tensor buffer.center holds values past any hidden state's size for module {self.name}")
         if center is not None and center.shape != (self.hidden_size,):
             raise StateError(f"tensor buffer.center has shape {center.shape}, module {self.name} expects "
                              f"({self.hidden_size},)")

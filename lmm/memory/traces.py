@@ -219,6 +219,9 @@ def trace_columns(tensors: dict[str, np.ndarray], hidden_size: int, module: str)
     ok = ok and quantized == (extra["route_scale"] is not None) == (extra["sentence_scale"] is not None)
     ok = ok and (g["sentence"].dtype == np.int8) == quantized
     ok = ok and (not quantized or extra["route_scale"].shape == (int(rlens.sum()),))
+    # a scale past any hidden state's size is a damaged file (routing would overflow)
+    ok = ok and (not quantized or all(bool(((x > 0) & (x < 1e6)).all())
+                                      for x in (extra["route_scale"], extra["sentence_scale"])))
     if not ok:
         raise StateError(f"inconsistent trace tensors in state for module {module}")
     columns = dict(g, token_ids=g["token_ids"].astype(np.int32, copy=False))
