@@ -151,9 +151,12 @@ class ChatSession:
         self.engine.set_autosave(None)
         self.close()
         self.engine.reset_chat()
-        self.engine.forget()
         previous = (self.user, self.load_path, self.save_path)
         self._set_user_paths(user)
+        recovery = self.recovery
+        if not (recovery is not None and recovery.exists() and not self.incognito) and not (
+                self.load_path is not None and self.load_path.exists()):
+            self.engine.forget()  # nothing to load: start empty (a load replaces the module by itself)
         try:
             self.start()
         except BaseException:
