@@ -302,7 +302,7 @@ def test_a_reply_reads_the_best_few_traces_within_a_budget(max_read: int, budget
     token `budget` or a relevance `spread` below the best stops it; the read turn holds them oldest first."""
     be = tiny_backend("torch")
     eng = engine(be, relevance=-100.0, margin_weight=1.0, max_read=max_read, read_budget=budget,
-                 read_spread=spread)
+                 read_spread=spread, check_margin=-2.0)
     try:
         for text in (FACT, OTHER, "I work as a baker in Lyon."):
             teach(eng, text)
@@ -311,6 +311,31 @@ def test_a_reply_reads_the_best_few_traces_within_a_budget(max_read: int, budget
         assert len(chosen) == 1 or sum(len(bank(eng).traces[i].token_ids) for i in chosen) <= budget
         reply(eng, "Where do I work?")
         assert len(bank(eng).last_route["traces"]) == expected
+    finally:
+        eng.close()
+
+
+def test_candidates_below_check_margin_cost_no_forward(tiny_backend) -> None:
+    """The second stage checks only first-stage candidates past `check_margin`: with none, it runs no
+    forward and nothing is read; the positive control (-2: every candidate) checks and reads both."""
+    be = tiny_backend("torch")
+    eng = engine(be, relevance=-100.0, margin_weight=1.0, read_spread=100.0)
+    try:
+        for text in (FACT, OTHER):
+            teach(eng, text)
+        checked: list[int] = []
+        real = bank(eng).relevance
+
+        def spy(traces, text):
+            checked.append(len(traces))
+            return real(traces, text)
+
+        bank(eng).relevance = spy  # type: ignore[method-assign]
+        bank(eng).cfg.check_margin = -2.0
+        assert len(bank(eng).select("Where do I live?")) == 2 and checked[-1] == 2
+        bank(eng).cfg.check_margin = 2.0  # past any margin (a difference of cosines from thresholds)
+        bank(eng)._logprobs.clear()
+        assert bank(eng).select("Where do I live?") == [] and checked[-1] == 0
     finally:
         eng.close()
 

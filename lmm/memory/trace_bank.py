@@ -60,7 +60,7 @@ class TraceBankConfig(MemoryConfig):
     max_query_sentences: int = 4  # the first sentences of a longer message also route on their own
     shortlist: int = 256  # first stage: token-level scores for this many traces of best whole-turn cosine
     candidates: int = 4  # the first stage's best few, which the second stage checks with the model
-    check_margin: float = -2.0  # ... those at least this far past the nearer threshold (a margin of -2: all)
+    check_margin: float = -0.1  # ... those at least this far past the nearer threshold (-2: all of them)
     relevance: float = 0.85  # second stage: a trace is read when its gain + margin_weight * margin reaches this
     margin_weight: float = 2.0  # (gain: mean log-probability gain of the message's tokens after the statement)
     max_read: int = 3  # traces read for one reply at most

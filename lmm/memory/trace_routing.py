@@ -5,7 +5,9 @@ whole-turn mean state), the neutral calibration that centres and weights them, a
 that decide what a reply reads. First stage, over every current trace: the whole-turn cosine (one
 matrix product) and, for the `shortlist` best of it, token-level late interaction (each query
 token's best cosine, weighted by how specific the token is), ranked by the margin past the nearer
-threshold. Second stage, over the best `candidates`, in one batched forward: the frozen model's own
+threshold. Second stage, over the best `candidates` whose margin reaches `check_margin` (none: no
+forward at all, the common case for a message about nothing stored), in one batched forward: the
+frozen model's own
 judgement, the mean gain in log-probability of the message's tokens when the statement precedes
 them (pointwise mutual information), plus `margin_weight` times the first-stage margin; a trace
 past `relevance` is read, and of two read statements about the message's subject, only the newer
@@ -195,14 +197,15 @@ class TraceRouting:
 
     def route(self, text: str) -> tuple[list[int], dict[str, float]]:
         """The traces a reply to `text` reads, oldest first, and each candidate's relevance. First stage:
-        every current trace ranked by its routing margin; second stage: the best `candidates` checked by
-        the frozen model (`relevance`, plus `margin_weight` times the margin); read: the most relevant
-        past the `relevance` threshold, and the next within `read_spread` of it, at most `max_read` and
-        `read_budget` tokens."""
+        every current trace ranked by its routing margin; second stage: the best `candidates` (those past
+        `check_margin`) checked by the frozen model (`relevance`, plus `margin_weight` times the margin);
+        read: the most relevant past the `relevance` threshold, and the next within `read_spread` of it,
+        at most `max_read` and `read_budget` tokens."""
         if not text or not self.traces:
             return [], {}
         margin = self.margins(text)
-        first = [int(i) for i in np.argsort(-margin, kind="stable")[: self.cfg.candidates] if np.isfinite(margin[i])]
+        first = [int(i) for i in np.argsort(-margin, kind="stable")[: self.cfg.candidates]
+                 if np.isfinite(margin[i]) and margin[i] >= self.cfg.check_margin]
         gains = {i: gain + self.cfg.margin_weight * float(margin[i])
                  for i, gain in zip(first, self.relevance([self.traces[i] for i in first], text), strict=True)}
         relevant = sorted((i for i in first if gains[i] >= self.cfg.relevance), key=lambda i: -gains[i])
