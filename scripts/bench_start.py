@@ -8,10 +8,10 @@ Prints:
   one message, memory `--memory`) against a plain transformers script that loads the same model
   folder and answers the same message with one token; the two alternate, `--rounds` each, and
   the ratio of the medians is printed (on a shared machine only a ratio from one run is fair);
-- with `--state FILE` (a saved memory of `--memory`, e.g. the 10,000-fact file of
-  `python -m lmm.bench --scale ...`): the time to load it into a running engine, and the time of
-  the REPL's `/user NAME` between two users who each hold a copy of it (unchanged memories, and
-  after one message, which must save the one left).
+- with `--state FILE` (a saved memory of `--memory`, e.g. `10000.safetensors` of the
+  `scale_states_*` folder that `python -m lmm.bench --scale ...` leaves in its output): the time
+  to load it into a running engine, and the time of the REPL's `/user NAME` between two users who
+  each hold a copy of it (unchanged memories, and after one message, which must save the one left).
 
 Usage: python scripts/bench_start.py [--memory trace_bank] [--rounds 3] [--state FILE]
 """

@@ -161,5 +161,6 @@ def test_bench_scale_end_to_end(tiny_models: dict[str, Path], tmp_path: Path, ca
     assert all(r["bytes_per_fact"] > 0 and r["write_ms_median"] > 0 and r["index_ms_median"] > 0
                for r in results["rows"])
     assert next(out.glob("scale_torch_*.png")).stat().st_size > 1000
+    assert sorted(p.name for p in next(out.glob("scale_states_*")).iterdir()) == ["3.safetensors", "6.safetensors"]
     assert "| 6 |" in capsys.readouterr().out
     assert bench_main(["--scale", "ten", "--no-progress"]) == 2

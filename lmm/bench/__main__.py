@@ -125,15 +125,17 @@ def run_scale_cli(args: argparse.Namespace) -> int:
     backend = load_shared_backend(args.backend, args.model, threads=args.threads)
     advance, finish = _progress(args)
     start = time.perf_counter()
+    states = BenchConfig(out=args.out).out_dir() / f"scale_states_{time.strftime('%Y%m%d_%H%M%S')}"
     results = run_scale(backend, module, options, sizes, answer_tokens=args.max_tokens,  # type: ignore[arg-type]
-                        seed=args.seed, advance=advance)
+                        seed=args.seed, advance=advance, states=states)
     finish()
     results.update(command=" ".join(sys.argv), backend=backend.name, model_id=backend.model_id,
                    wall_seconds=time.perf_counter() - start)
     path = _save_json(args, "scale", backend.name, results)
     plot_scale(results, path.with_suffix(".png"))
     print(format_scale(results))
-    print(f"wall time {results['wall_seconds']:.0f} s; JSON {path}; chart {path.with_suffix('.png')}")
+    print(f"wall time {results['wall_seconds']:.0f} s; JSON {path}; chart {path.with_suffix('.png')}; "
+          f"the memories: {states}")
     return 0
 
 

@@ -15,6 +15,7 @@ is the same message's first stage again, its states cached: the index lookup alo
 from __future__ import annotations
 
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -74,14 +75,17 @@ def generate_facts(n: int, seed: int = 0) -> list[Fact]:
 
 
 def run_scale(backend: Backend, module: str, options: dict[str, str], sizes: Sequence[int], *, sample: int = 24,
-              answer_tokens: int = 24, seed: int = 0, advance: Callable[[str], None] = lambda d: None
-              ) -> dict[str, Any]:
+              answer_tokens: int = 24, seed: int = 0, advance: Callable[[str], None] = lambda d: None,
+              states: Path | None = None) -> dict[str, Any]:
+    """The scale rows; the memory at each N is kept as `<states>/<N>.safetensors` (None: in a temporary
+    folder removed at the end)."""
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1:
         raise ValueError("--scale needs sizes >= 1, e.g. 10,100,1000")
     facts = generate_facts(sizes[-1], seed)
     rng = random.Random(seed + 1)
-    root = Path(tempfile.mkdtemp(prefix="lmm-scale-"))
+    root = Path(tempfile.mkdtemp(prefix="lmm-scale-")) if states is None else states
+    root.mkdir(parents=True, exist_ok=True)
 
     def engine() -> Any:
         return new_engine(backend, module, options, max_tokens=answer_tokens, seed=seed, learning=False)
@@ -114,6 +118,8 @@ def run_scale(backend: Backend, module: str, options: dict[str, str], sizes: Seq
             rows.append(row)
     finally:
         eng.close()
+        if states is None:
+            shutil.rmtree(root, ignore_errors=True)
     return {"kind": "scale", "module": module, "options": options, "sizes": sizes, "rows": rows, "seed": seed}
 
 
