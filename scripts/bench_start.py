@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 PLAIN = """
 import sys
@@ -113,6 +114,8 @@ def user_switch(memory: str, state: Path, rounds: int, model_dir: Path) -> None:
     items = len(engine.memory_items())
     print(f"load {state.name} ({items} items, {state.stat().st_size / 1e6:.1f} MB): median "
           f"{1000 * statistics.median(loads):.0f} ms")
+    if hasattr(engine.module, "route"):
+        routing_and_writes(engine, items)
     session = ChatSession(engine, user="ann")
     session.start()
     unchanged, changed = [], []
@@ -132,6 +135,34 @@ def user_switch(memory: str, state: Path, rounds: int, model_dir: Path) -> None:
           f"{len(unchanged)}; after a message (the memory left is saved): median "
           f"{1000 * statistics.median(changed):.0f} ms over {len(changed)}")
     shutil.rmtree(root, ignore_errors=True)
+
+
+def routing_and_writes(engine: Any, items: int) -> None:
+    """trace_bank in the loaded memory: a new message's routing (both stages, the message's encoding
+    included; then its first stage alone, states cached), for prompts about nothing stored and for
+    questions of the scale generator (stored when the memory came from `--scale`); then the write of
+    new facts (the update after a user message)."""
+    from lmm.bench.scale import UNRELATED, generate_facts
+
+    facts = generate_facts(items + 10)
+    questions = [f.question for f in facts[: items: max(1, items // 12)]]
+    for label, texts in (("prompts about nothing stored", UNRELATED), ("questions of the scale generator", questions)):
+        whole, first = [], []
+        for text in texts:
+            start = time.perf_counter()
+            engine.module.select(text)
+            whole.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            engine.module.margins(text)
+            first.append(time.perf_counter() - start)
+        print(f"routing, {label}: median {1000 * statistics.median(whole):.0f} ms over {len(whole)} "
+              f"(first stage alone {1000 * statistics.median(first):.1f} ms)")
+    writes = []
+    for fact in facts[items:]:
+        start = time.perf_counter()
+        engine.module.write([{"role": "user", "content": fact.statement}], 0)
+        writes.append(time.perf_counter() - start)
+    print(f"write of a new fact: median {1000 * statistics.median(writes):.0f} ms over {len(writes)}")
 
 
 def main() -> None:
