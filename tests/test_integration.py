@@ -101,7 +101,7 @@ def test_trace_bank_decides_with_the_model(embedded) -> None:
         assert eng.respond([{"role": "user", "content": unrelated}]).tokens == plain
     finally:
         eng.close()
-    eng = engine(relevance="-100")
+    eng = engine(relevance="-100", check_margin="-2")  # positive control: every candidate checked and read
     try:
         eng.module.write([{"role": "user", "content": "My younger brother is called Kenji."}], 0)
         assert eng.module.select("Can you help me write a short poem about autumn?") == [0]
