@@ -393,8 +393,7 @@ class ChatEngine:
     def _install(self, module: MemoryModule) -> None:
         module.attach(self.backend.view(), self.layer)  # may refuse the module: nothing changed yet
         self.module = module
-        self._state = self.saved_as = None
-        self._autosaved = False
+        self._state, self.saved_as, self._autosaved = None, None, False
         self.last_update = None  # it described another memory (e.g. the previous user's)
         self.hook = MemoryHook(module, self.log, layer=self.layer, backend=self.backend.name,
                                model=self.backend.model_id, log_activations=self.config.log_activations)
@@ -420,8 +419,7 @@ class ChatEngine:
         self.wait_for_update()
         target = Path(path) if path else default_save_path(self.module.name, artifacts_dir())
         if self._autosaved and self.autosave_path == recovery_path(target) and self.autosave_path.exists():
-            promote(self.autosave_path, target)  # a large memory is not written twice
-            self._autosaved = False
+            promote(self.autosave_path, target)  # a large memory is not written twice (gone: not promoted twice)
         else:
             save_state(target, self.header(), self.module.state_tensors())
         self.saved_as = target

@@ -73,7 +73,7 @@ class ChatSession:
             self._lock.acquire()
         recovery = self.recovery
         try:
-            if recovery is not None and recovery.exists() and not self.incognito:
+            if self._recovering():
                 self._recover(recovery)
             elif self.load_path is None:
                 pass
@@ -87,6 +87,10 @@ class ChatSession:
             self.close()
             raise
         self.engine.set_autosave(None if self.incognito else recovery)
+
+    def _recovering(self) -> bool:
+        """Whether `start` loads an unsaved session's autosave (left by a chat that died)."""
+        return self.recovery is not None and self.recovery.exists() and not self.incognito
 
     def _recover(self, recovery: Path) -> None:
         try:
@@ -153,9 +157,7 @@ class ChatSession:
         self.engine.reset_chat()
         previous = (self.user, self.load_path, self.save_path)
         self._set_user_paths(user)
-        recovery = self.recovery
-        if not (recovery is not None and recovery.exists() and not self.incognito) and not (
-                self.load_path is not None and self.load_path.exists()):
+        if not self._recovering() and not (self.load_path is not None and self.load_path.exists()):
             self.engine.forget()  # nothing to load: start empty (a load replaces the module by itself)
         try:
             self.start()

@@ -390,7 +390,7 @@ class TraceBank(TraceRouting, DirectMemory):
             raise StateError(f"inconsistent trace tensors in state for module {self.name}")
         center = None if center is None else np.asarray(center, dtype=np.float32)
         store = self._empty_store() if columns is None else TraceStore.from_columns(columns, self.hidden_size)
-        if store.route.head.dtype != storage_dtype(self.cfg.dtype):  # another storage (format 1: float16)
+        if store.route_dtype != storage_dtype(self.cfg.dtype):  # another storage (format 1: float16)
             converted = self._empty_store()
             for trace in store:
                 converted.append(trace.stored_as(self.cfg.dtype, center))

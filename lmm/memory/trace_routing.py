@@ -154,7 +154,7 @@ class TraceRouting:
         uid = int(self.traces.uid[i])
         keys = self._keys.get(uid)
         if keys is None:
-            keys = self._keys.put(uid, normalize(self.traces.centred_route(i, self._ensure_center())))
+            keys = self._keys.put(uid, normalize(self.traces[i].centred_route(self._ensure_center())))
         return keys
 
     def _score_states(self, query: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

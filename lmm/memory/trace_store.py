@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lmm.memory.traces import TRACE_FORMAT, Trace, dequantize, unpack4
+from lmm.memory.traces import TRACE_FORMAT, Trace, dequantize
 
 SCALARS = ("written", "used", "replaced_by", "said_at")  # small columns, always in RAM (they change)
 _UIDS = [0]  # uids are unique in the process: caches and the backend's read blocks are keyed by them
@@ -114,7 +114,7 @@ class TraceStore:
         if not -n <= i < n:
             raise IndexError(f"trace {i} of {n}")
         i %= n
-        t_end, r_end = int(self._token_end.view[i]), int(self._route_end.view[i])
+        t_end, r_end = int(self._token_end.view[i]), int(self._route_end.view[i])  # ends: lengths summed
         t0, r0 = t_end - int(self._token_len.view[i]), r_end - int(self._route_len.view[i])
         s = self._scalars
         return Trace(token_ids=self.tokens.rows(t0, t_end), route=self.route.rows(r0, r_end),
@@ -162,15 +162,9 @@ class TraceStore:
         rows = self.sentence.rows(a, b)
         return dequantize(rows, None if self.sentence_scale is None else self.sentence_scale.rows(a, b))
 
-    def centred_route(self, i: int, center: np.ndarray) -> np.ndarray:
-        """Trace i's routing states minus the memory's calibration mean."""
-        r_end = int(self._route_end.view[i])
-        r0 = r_end - int(self._route_len.view[i])
-        rows = self.route.rows(r0, r_end)
-        scale = None if self.route_scale is None else self.route_scale.rows(r0, r_end)
-        if rows.dtype == np.uint8:
-            return unpack4(rows, scale)
-        return dequantize(rows, scale) - center
+    @property
+    def route_dtype(self) -> np.dtype:
+        return self.route.head.dtype
 
     def row_bytes(self) -> np.ndarray:
         """Bytes each trace takes in the state file (40: its scalars)."""
