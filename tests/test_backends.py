@@ -173,3 +173,27 @@ def test_captured_keys_shift_alike_on_both_backends(family: str, tiny_backend) -
         for a, b in zip(got[be, 0][1], got[be, -5][1], strict=True):
             np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)  # values do not
         np.testing.assert_allclose(got[be, 0][2], got[be, -5][2], atol=2e-4, rtol=1e-3)
+
+
+def test_loading_a_backend_gives_numpy_blas_one_thread(backend_name: str, tiny_models) -> None:
+    """numpy's BLAS pool next to the backend's stalled every forward; a loaded backend limits it to
+    one thread. Positive control: the same process had set it to two just before the load."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy, threadpoolctl\n"
+        "from lmm.backends import load_backend\n"
+        "numpy_libs = lambda: [i for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'"
+        " and 'numpy' in i['filepath']]\n"
+        "if not numpy_libs(): print('none'); sys.exit()\n"
+        "threadpoolctl.threadpool_limits(2, user_api='blas')\n"
+        "print([i['num_threads'] for i in numpy_libs()])\n"
+        f"load_backend({backend_name!r}, sys.argv[1], 'tiny')\n"
+        "print([i['num_threads'] for i in numpy_libs()])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_models["llama"])], capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    if out[0] == "none":
+        pytest.skip("this numpy has no BLAS pool of its own")
+    assert out[:2] == ["[2]", "[1]"]
