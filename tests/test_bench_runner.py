@@ -46,7 +46,7 @@ def test_bench_end_to_end(tiny_models: dict[str, Path], tmp_path: Path, capsys: 
         "--backend", "torch", "--model", str(tiny_models["llama"]), "--modules", "identity,lora_on_user",
         "--scenarios", str(files["scenarios"]), "--probes", str(files["probes"]),
         "--distractors", str(files["distractors"]), "--out", str(out), "--max-tokens", "5", "--reply-tokens", "3",
-        "--mm-opt", "lora_on_user.lr=0.01", "--no-progress",
+        "--mm-opt", "lora_on_user.lr=0.01", "--no-progress", "--jobs", "1",
     ])
     assert code == 0
     stdout = capsys.readouterr().out
@@ -79,6 +79,40 @@ def test_bench_end_to_end(tiny_models: dict[str, Path], tmp_path: Path, capsys: 
     # the identity hook is transparent: the none row's probe replies equal the plain model's
     assert rows["none"]["summary"]["locality"] == 1.0
     assert results["wall_seconds"] > 0 and "flags" in rows["lora_on_user"]
+
+
+def _outputs(results: dict) -> dict:
+    """Everything a run generated, by row: session-1 replies, answers, probe replies (token ids)."""
+    def replies(sc: dict) -> list[str]:
+        return [t["assistant"] for t in sc.get("turns", [])] + [sc["answer"]]
+
+    return {"plain": [p["tokens"] for p in results["plain"]["probes"]],
+            **{row["name"]: ([replies(sc) for sc in row["scenarios"]], [p["tokens"] for p in row["probes"]])
+               for row in results["rows"]}}
+
+
+def test_rows_in_worker_processes_match_one_process(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """`--jobs 2` splits the rows over two spawned processes: every reply, answer and probe reply is the
+    one-process run's, rows in the same order. Positive control: shorter session-1 replies differ."""
+    files = _write_inputs(tmp_path)
+
+    def run(jobs: int, *extra: str) -> dict:
+        out = tmp_path / f"out{jobs}{len(extra)}"
+        assert bench_main([
+            "--backend", "torch", "--model", str(tiny_models["qwen3"]), "--modules", "identity,lora_on_user",
+            "--scenarios", str(files["scenarios"]), "--probes", str(files["probes"]),
+            "--distractors", str(files["distractors"]), "--out", str(out), "--max-tokens", "5",
+            "--reply-tokens", "3", "--mm-opt", "lora_on_user.lr=0.05", "--no-progress", "--jobs", str(jobs), *extra,
+        ]) == 0
+        return json.loads((out / "latest_torch.json").read_text())
+
+    one, two = run(1), run(2)
+    assert two["jobs"] == 2 and one["jobs"] == 1
+    assert [r["name"] for r in two["rows"]] == [r["name"] for r in one["rows"]] == ["none", "lora_on_user",
+                                                                                    "in-context"]
+    assert _outputs(two) == _outputs(one)
+    assert two["backend"] == "torch" and two["layer"] == one["layer"] and two["torch_threads"] == 1
+    assert _outputs(run(1, "--reply-tokens", "1")) != _outputs(one)  # the comparison sees a change
 
 
 def _collapsed_row() -> dict:

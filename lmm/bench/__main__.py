@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lifelong", action="store_true", help="teach every scenario into ONE memory over sessions")
     p.add_argument("--sessions", type=int, default=5, help="--lifelong: number of sessions (default 5)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1; 0: torch's default, one per core). On a 2-core "
-                        "machine shared with other jobs one thread measured ~4x faster than two")
+                   help="torch intra-op threads per process (default 1; 0: torch's default, one per core)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="recall and lifelong runs: rows run in this many worker processes, each loading the "
+                        "model (default 0: one per core; 1: one process, the rows one after another)")
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="decoding's repetition penalty over the reply (default 1.1, the chat's; 1: off)")
     p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
@@ -203,7 +205,9 @@ def run_recall(args: argparse.Namespace) -> int:
     )
     ConsolidationConfig.from_strings(config.consolidation_options)  # a bad option fails before the run
     start = time.perf_counter()
-    results = run_benchmark(config, progress=not args.no_progress)
+    from lmm.bench.parallel import default_jobs
+
+    results = run_benchmark(config, progress=not args.no_progress, jobs=args.jobs or default_jobs())
     paths = write_outputs(results, config.out_dir())
     print_table(results)
     print(f"wall time {time.perf_counter() - start:.0f} s (model load included); "
@@ -222,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_tokens < 1 or args.reply_tokens < 1:
             raise ValueError("--max-tokens and --reply-tokens must be >= 1")
-        if args.threads < 0:
-            raise ValueError("--threads must be >= 0")
+        if args.threads < 0 or args.jobs < 0:
+            raise ValueError("--threads and --jobs must be >= 0")
         if args.limit is not None and args.limit < 1:
             raise ValueError("--limit must be >= 1")
         return run(args)

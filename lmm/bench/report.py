@@ -135,6 +135,7 @@ def build_table(results: dict[str, Any]) -> Table:
         f"plain model: {_num(plain.get('probe_tps'), '.1f')} tok/s on the probes, TTFT "
         f"{_num(plain.get('ttft_median'), '.2f', 's')}"
         + (f", torch threads {threads}" if threads else "")
+        + (f", rows over {results['jobs']} processes" if results.get("jobs", 1) > 1 else "")
         + f"; run wall time {_num(results.get('wall_seconds'), '.0f', 's')}",
         "recall: answers naming the fact after a restart; rec∧fluent: ... by a non-degenerate answer",
         "locality: probe replies identical to the plain model's; tok agree: mean token agreement; "

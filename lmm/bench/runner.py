@@ -60,12 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from lmm.backends.base import Backend
-from lmm.bench.engines import (
-    check_module_options,
-    compute_threads,
-    load_shared_backend,
-    new_engine,
-)
+from lmm.bench.engines import check_module_options, compute_threads, load_shared_backend, new_engine
 from lmm.bench.metrics import median
 from lmm.bench.records import (
     answer_record,
@@ -212,19 +207,27 @@ class BenchRunner:
                           **self.config.loop_guard())
 
     def run(self) -> dict[str, Any]:
-        cfg = self.config
+        """Every row, one after another, on this runner's backend."""
         start = time.perf_counter()
         started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        try:
+            rows = self.run_rows(self.row_names())
+        finally:
+            self.backend.remove_hook()
+            self.backend.reset_session()
+        return self.results(rows, self.plain_probes(), started_at, time.perf_counter() - start)
+
+    def run_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """The rows `names` (each from fresh engines; the plain model's probes are computed once)."""
+        rows = []
+        plain_tps = tokens_per_second(self.plain_probes())
         state_root = Path(tempfile.mkdtemp(prefix="lmm-bench-"))
         try:
-            self._plain = self._plain_probes()
-            plain_tps = tokens_per_second(self._plain)
-            rows = []
-            for name in self.row_names():
+            for name in names:
                 row_start = time.perf_counter()
                 self._warmup(IDENTITY if name in REFERENCE_ROWS else name, self._options(name))
                 warmup = time.perf_counter() - row_start
-                if cfg.lifelong:
+                if self.config.lifelong:
                     row = self._lifelong_row(name, state_root)
                 else:
                     row = self._recall_row(name, state_root)
@@ -234,28 +237,40 @@ class BenchRunner:
                 rows.append(row)
                 self.on_row(row)
         finally:
-            self.backend.remove_hook()
-            self.backend.reset_session()
             shutil.rmtree(state_root, ignore_errors=True)
-        layer = self.backend.num_layers // 2 if cfg.layer is None else cfg.layer
+        return rows
+
+    def backend_meta(self) -> dict[str, Any]:
+        """What the results say of the backend the rows ran on."""
+        layer = self.backend.num_layers // 2 if self.config.layer is None else self.config.layer
+        return {"backend": self.backend.name, "model_id": self.backend.model_id, "layer": layer,
+                "torch_threads": compute_threads(self.backend)}
+
+    def results(self, rows: list[dict[str, Any]], plain: list[dict[str, Any]], started_at: str,
+                wall_seconds: float, *, meta: dict[str, Any] | None = None, jobs: int = 1) -> dict[str, Any]:
+        """The run's JSON: its settings, the backend (`meta`, default this runner's), the plain model's
+        probes and the rows in `row_names()` order."""
+        cfg = self.config
+        order = {name: i for i, name in enumerate(self.row_names())}
         return {
-            "kind": "lifelong" if cfg.lifelong else "recall",
-            "backend": self.backend.name, "model_id": self.backend.model_id, "layer": layer,
-            "torch_threads": compute_threads(self.backend),
+            "kind": "lifelong" if cfg.lifelong else "recall", **(meta or self.backend_meta()), "jobs": jobs,
             "started_at": started_at, "command": " ".join(sys.argv), "config": cfg.to_json(),
             "scenarios_file": str(cfg.scenario_path()), "n_scenarios": len(self.scenarios),
             "probes_file": str(cfg.probes), "n_probes": len(self.probes),
             "locality_pairing": ("probe j is asked with the final lifelong memory" if cfg.lifelong else
                                  "probe j is asked with the state saved from scenario j mod N (N scenarios)"),
-            "plain": {"probes": self._plain, "probe_tps": plain_tps,
-                      "ttft_median": nan_to_none(median([p["ttft"] for p in self._plain]))},
-            "rows": rows,
-            "wall_seconds": time.perf_counter() - start,
+            "plain": {"probes": plain, "probe_tps": tokens_per_second(plain),
+                      "ttft_median": nan_to_none(median([p["ttft"] for p in plain]))},
+            "rows": sorted(rows, key=lambda row: order[row["name"]]),
+            "wall_seconds": wall_seconds,
         }
 
     # --- the plain model ----------------------------------------------------------------
-    def _plain_probes(self) -> list[dict[str, Any]]:
-        """Probe replies of the model with no hook at all: the locality reference and the speed baseline."""
+    def plain_probes(self) -> list[dict[str, Any]]:
+        """Probe replies of the model with no hook at all: the locality reference and the speed baseline
+        (computed on first use)."""
+        if self._plain:
+            return self._plain
         plain = self._engine(IDENTITY, {}, self.config.answer_tokens, learning=False)
         plain.respond([{"role": "user", "content": "Hello!"}], max_tokens=4, memory=False)  # warm-up
         out = []
@@ -266,6 +281,7 @@ class BenchRunner:
                         "generation_seconds": generation_seconds(reply), "ttft": reply.time_to_first_token})
             self.advance("plain model (probes)")
         plain.close()
+        self._plain = out
         return out
 
     def _probe(self, j: int, prompt: str, engine: ChatEngine, source: str | None,
@@ -432,36 +448,48 @@ class BenchRunner:
         return row
 
 
-def run_benchmark(config: BenchConfig, backend: Backend | None = None, *, progress: bool = True) -> dict[str, Any]:
-    """Load the backend (unless given), run every row with a progress bar on stderr, return the results."""
+def run_benchmark(config: BenchConfig, backend: Backend | None = None, *, progress: bool = True,
+                  jobs: int = 1) -> dict[str, Any]:
+    """Run every row with a progress bar on stderr and return the results: on `backend` (loaded here
+    when None), or over `jobs` > 1 worker processes that each load their own (`lmm.bench.parallel`;
+    the bar then counts finished rows)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    owned = backend is None
-    if backend is None:
-        backend = load_shared_backend(config.backend, config.model, config.threads)
+    if jobs > 1 and backend is not None:
+        raise ValueError("jobs > 1 runs rows in worker processes, each with its own backend: pass no backend")
     console = Console(stderr=True)
-
-    def on_row(row: dict[str, Any]) -> None:
-        s = row["summary"]
-        fluency = "–" if s["fluency"] is None else f"{s['fluency']:.2f}"
-        locality = "–" if s["locality"] is None else f"{s['locality']:.2f}"
-        console.print(f"{row['name']}: recall {s['recalled']}/{s['n']}, locality {locality}, fluency {fluency}, "
-                      f"{row['wall_seconds']:.0f} s", highlight=False)
-
     columns = (TextColumn("[progress.description]{task.description:<44}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task = bar.add_task("starting", total=None)
-        runner = BenchRunner(config, backend,
-                             advance=lambda desc: bar.update(task, advance=1, description=desc[:44]),
-                             on_row=on_row)
-        bar.update(task, total=runner.total_steps())
-        try:
-            results = runner.run()
-        finally:
-            if owned:
-                backend.close()
+
+        def on_row(row: dict[str, Any]) -> None:
+            s = row["summary"]
+            fluency = "–" if s["fluency"] is None else f"{s['fluency']:.2f}"
+            locality = "–" if s["locality"] is None else f"{s['locality']:.2f}"
+            console.print(f"{row['name']}: recall {s['recalled']}/{s['n']}, locality {locality}, "
+                          f"fluency {fluency}, {row['wall_seconds']:.0f} s", highlight=False)
+            if jobs > 1:
+                bar.update(task, advance=1, description=f"{row['name']} done")
+
+        if jobs > 1:
+            from lmm.bench.parallel import run_parallel
+
+            bar.update(task, total=len(BenchRunner(config, backend=None).row_names()),  # type: ignore[arg-type]
+                       description=f"rows over {jobs} processes")
+            results = run_parallel(config, jobs, on_row)
+        else:
+            owned = backend is None
+            backend = backend or load_shared_backend(config.backend, config.model, config.threads)
+            runner = BenchRunner(config, backend,
+                                 advance=lambda desc: bar.update(task, advance=1, description=desc[:44]),
+                                 on_row=on_row)
+            bar.update(task, total=runner.total_steps())
+            try:
+                results = runner.run()
+            finally:
+                if owned:
+                    backend.close()
         bar.update(task, description="done")
     return results
-
