@@ -197,3 +197,49 @@ def test_loading_a_backend_gives_numpy_blas_one_thread(backend_name: str, tiny_m
     if out[0] == "none":
         pytest.skip("this numpy has no BLAS pool of its own")
     assert out[:2] == ["[2]", "[1]"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_system_prompt_state_is_reused_exactly(backend_name: str, family: str, tiny_backend) -> None:
+    """`capture` and `token_logprobs` start from the system prompt's cached state when a turn starts with
+    it and give what a forward from scratch gives, every position included; a hook and extra keys/values
+    present when the state is computed do not leak into it. Positive control: the cached path is taken
+    wherever the template has a system prompt and the cache keeps every position (not gemma3's sliding
+    window), and the comparison sees a changed forward."""
+    from lmm.types import ExtraKV
+
+    backend = tiny_backend(backend_name, family)
+    ops = backend.ops
+    turn = backend.formatter.standalone_turn("My cat is called Pepper.")
+    other = backend.formatter.standalone_turn("What is my cat called?")
+    layers = [0, backend.num_layers - 1]
+
+    def run() -> list[np.ndarray]:
+        early = backend.capture(other.ids, hidden_layers=[1])  # stops after layer 1
+        cap = backend.capture(turn.ids, hidden_layers=layers, kv_layers=layers)
+        out = [ops.to_numpy(cap.hidden[i]) for i in layers] + [ops.to_numpy(early.hidden[1])]
+        out += [ops.to_numpy(x) for i in layers for x in cap.kv[i]]
+        return out + backend.token_logprobs([turn.ids, other.ids]) + backend.token_logprobs([turn.ids])
+
+    backend.install_hook(1, lambda h, ctx: h * 3.0)
+    backend.set_extra_kv(ExtraKV(key="t", layers={0: backend.capture(turn.ids[:3], kv_layers=[0]).kv[0]},
+                                 visible_from=0))
+    try:
+        backend._prefix = None  # computed now, under the hook and the extra keys/values
+        cached = run()
+        used = backend.frozen_prefix(turn.ids) is not None
+    finally:
+        backend.set_extra_kv(None)
+        backend.remove_hook()
+    backend._prefix = False  # every forward from scratch
+    try:
+        plain = run()
+        shifted = backend.capture(turn.ids, kv_layers=layers, shift=-4)  # not a prefix's positions
+    finally:
+        backend._prefix = None
+    assert used == (family != "gemma3")
+    assert [a.shape for a in cached] == [b.shape for b in plain]
+    for a, b in zip(cached, plain, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)
+    moved = ops.to_numpy(shifted.kv[layers[-1]][0])
+    assert not np.allclose(moved, plain[len(layers) + 1 + 2], atol=1e-3)  # the comparison sees a change

@@ -2,9 +2,10 @@
 
 A backend owns one frozen model, its tokenizer and a session KV cache. It exposes a few
 primitives (a forward pass on a cache, cache views and truncation, the layer hook) and
-this base class builds the rest on them: prompt-prefix reuse, the decode loop, sampling
-(done in numpy from a seeded generator, so both backends sample identically, with the
-repetition guard), prefix-conditioned scoring for memory updates, and `BackendView`, the
+this base class builds the rest on them: prompt-prefix reuse, the system prompt's frozen state
+(`frozen_prefix`, which `capture` and `token_logprobs` start from), the decode loop, sampling
+(numpy, seeded, so both backends sample identically, with the repetition guard),
+prefix-conditioned scoring for memory updates, and `BackendView`, the
 `lmm.types.ModelView` a memory module is given. It holds no memory-module logic (that is
 `lmm.memory`, which it never imports) and no UI.
 """
@@ -131,6 +132,18 @@ def join_logprobs(rows: Sequence[Sequence[int]], shared: int, head: np.ndarray |
     return out
 
 
+@dataclass
+class FrozenPrefix:
+    """The frozen model's state after the system prompt every standalone turn starts with, computed
+    once per backend: its token ids, a cache holding its keys/values (copied by `cache_view`, never
+    written), the hidden states entering every layer [P, d], and its log-softmax [P, vocab]."""
+
+    ids: list[int]
+    cache: Any
+    hidden: dict[int, Any]
+    logprobs: np.ndarray
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -228,6 +241,7 @@ class Backend(ABC):
         self.extra_kv: ExtraKV | None = None  # attention memory read by every forward (set_extra_kv)
         self._bypass_hook = False  # True during `capture`: the frozen model, no memory
         self._view: BackendView | None = None
+        self._prefix: FrozenPrefix | None | bool = None  # False: the template has no system prompt
 
     # --- primitives each backend implements ----------------------------------------
     @abstractmethod
@@ -333,6 +347,21 @@ class Backend(ABC):
 
     @abstractmethod
     def cache_length(self, cache: Any) -> int: ...
+
+    def frozen_prefix(self, ids: Sequence[int]) -> FrozenPrefix | None:
+        """The system prompt's frozen state when `ids` start with it and go past it (else None).
+        `capture` and `token_logprobs` start from it: every standalone turn a memory module encodes
+        repeats those tokens, and skipping them took a third off a message's encoding (measured)."""
+        if self._prefix is None:
+            turn = self.formatter.standalone_turn("Hello.")
+            self._prefix = self._compute_prefix(turn.ids[: turn.start]) if turn.start > 1 else False
+        prefix = self._prefix
+        if not isinstance(prefix, FrozenPrefix) or len(ids) <= len(prefix.ids):
+            return None
+        return prefix if list(ids[: len(prefix.ids)]) == prefix.ids else None
+
+    def _compute_prefix(self, ids: list[int]) -> FrozenPrefix | bool:
+        return False  # one frozen forward of `ids` from an empty cache; False: no prefix is kept
 
     def reset_session(self) -> None:
         """Drop the session KV cache (the chat history changed or the module was replaced)."""

@@ -19,7 +19,14 @@ import mlx.nn as nn
 import numpy as np
 
 from lmm.backends.attention_memory import AttentionPlan, StopForward, mlx_layer_scope
-from lmm.backends.base import Backend, BackendError, check_logprob_batch, find_layers, join_logprobs
+from lmm.backends.base import (
+    Backend,
+    BackendError,
+    FrozenPrefix,
+    check_logprob_batch,
+    find_layers,
+    join_logprobs,
+)
 from lmm.chat_format import ChatFormatter
 from lmm.ops import Params
 from lmm.types import Captured, HookFn
@@ -240,16 +247,41 @@ class MlxBackend(Backend):
             mx.eval(logits)
         return logits
 
+    def _compute_prefix(self, ids: list[int]) -> FrozenPrefix | bool:
+        plan = AttentionPlan(hidden_layers=frozenset(range(self.num_layers)))
+        cache = self.new_cache()
+        self._bypass_hook = True
+        try:
+            with mlx_layer_scope(self.layers, plan):
+                logits = self.model(mx.array([ids]), cache=cache)[0].astype(mx.float32)
+        finally:
+            self._bypass_hook = False
+        if self.cache_view(cache, len(ids)) is None:  # rotating (sliding-window) caches are not copied
+            return False
+        mx.eval(plan.captured.hidden)
+        logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float32)
+        return FrozenPrefix(list(ids), cache, dict(plan.captured.hidden), logprobs)
+
+    def _start(self, ids: Sequence[int], shift: int = 0) -> tuple[list[Any], FrozenPrefix | None]:
+        """A cache to run `ids` on: a copy of the system prompt's when they start with it (not for a
+        `shift`, as on torch), else an empty one."""
+        prefix = self.frozen_prefix(ids) if shift == 0 else None
+        view = None if prefix is None else self.cache_view(prefix.cache, len(prefix.ids))
+        return (self.new_cache(), None) if view is None else (view, prefix)
+
     def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         rows, shared = check_logprob_batch(batch)
         width = max(len(r) for r in rows) - shared
         tails = mx.array([r[shared:] + [0] * (width - len(r) + shared) for r in rows])  # right padding: no mask
-        head = None
+        cache, prefix = self._start(rows[0][:shared])
+        heads = [] if prefix is None else [prefix.logprobs]
+        done = 0 if prefix is None else len(prefix.ids)
         self._bypass_hook = True
         try:
-            cache = self.new_cache()
             if shared:  # the rows' common prefix runs once; its keys/values are shared by every row
-                head = self.model(mx.array([rows[0][:shared]]), cache=cache)[0].astype(mx.float32)
+                if shared > done:
+                    head = self.model(mx.array([rows[0][done:shared]]), cache=cache)[0].astype(mx.float32)
+                    heads.append(np.array(head - mx.logsumexp(head, axis=-1, keepdims=True), dtype=np.float32))
                 for c in cache:
                     c.keys, c.values = mx.repeat(c.keys, len(rows), axis=0), mx.repeat(c.values, len(rows), axis=0)
             logits = self.model(tails, cache=cache).astype(mx.float32)
@@ -257,9 +289,7 @@ class MlxBackend(Backend):
             self._bypass_hook = False
         logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         picked = np.array(mx.take_along_axis(logits[:, :-1], tails[:, 1:, None], axis=2)[..., 0], dtype=np.float32)
-        if head is not None:
-            head = np.array(head - mx.logsumexp(head, axis=-1, keepdims=True), dtype=np.float32)
-        return join_logprobs(rows, shared, head, picked)
+        return join_logprobs(rows, shared, np.concatenate(heads) if heads else None, picked)
 
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
@@ -267,11 +297,13 @@ class MlxBackend(Backend):
             raise BackendError("capture needs at least one token")
         plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layers=frozenset(hidden_layers),
                              stop_after_hidden=not kv_layers)
-        self._keep = mx.array([len(ids) - 1], dtype=mx.int32)
+        cache, prefix = self._start(ids, shift)
+        skip = 0 if prefix is None else len(prefix.ids)
+        self._keep = mx.array([len(ids) - skip - 1], dtype=mx.int32)
         self._bypass_hook = True
         try:
             with mlx_layer_scope(self.layers, plan):
-                out = self.model(mx.array([list(ids)]), cache=self.new_cache())
+                out = self.model(mx.array([list(ids[skip:])]), cache=cache)
             del out  # only the captures are wanted; nothing after them is evaluated
         except StopForward:
             pass
@@ -279,6 +311,12 @@ class MlxBackend(Backend):
             self._bypass_hook = False
             self._keep = None
         captured = plan.captured
+        if prefix is not None:  # the caller sees every position, the system prompt's included
+            captured.hidden = {i: mx.concatenate([prefix.hidden[i], h]) for i, h in captured.hidden.items()}
+            kept = prefix.cache
+            captured.kv = {i: (mx.concatenate([kept[i].keys[..., :skip, :], k], axis=2),
+                               mx.concatenate([kept[i].values[..., :skip, :], v], axis=2))
+                           for i, (k, v) in captured.kv.items()}
         if shift:
             captured.kv = {i: (self._shift_keys(i, k, shift), v) for i, (k, v) in captured.kv.items()}
         mx.eval(captured.hidden, captured.kv)

@@ -25,6 +25,7 @@ from lmm.backends.base import (
     Backend,
     BackendError,
     DecodingConfig,
+    FrozenPrefix,
     check_logprob_batch,
     find_layers,
     join_logprobs,
@@ -219,8 +220,8 @@ class TorchBackend(Backend):
 
     def _crop(self, cache: Any, n: int) -> bool:
         remove = self.cache_length(cache) - n
-        if remove < 0:
-            return False
+        if remove <= 0:
+            return remove == 0  # crop(-0) would crop to length 0
         try:
             cache.crop(-remove)
         except (RuntimeError, ValueError):
@@ -243,6 +244,37 @@ class TorchBackend(Backend):
                              **{self._cache_kw: cache})
         return out.logits[0].float()
 
+    def _compute_prefix(self, ids: list[int]) -> FrozenPrefix | bool:
+        hidden: dict[int, torch.Tensor] = {}
+
+        def before_layer(index: int) -> Any:
+            def hook(_module: Any, args: Any, kwargs: Any) -> None:
+                hidden[index] = (args[0] if args else kwargs["hidden_states"])[0].detach().clone()
+            return hook
+
+        handles = [layer.register_forward_pre_hook(before_layer(i), with_kwargs=True)
+                   for i, layer in enumerate(self.layers)]
+        cache = self.new_cache()
+        self._bypass_hook = True
+        try:
+            with torch.no_grad(), plan_scope(None):
+                logits = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                                    use_cache=True, **{self._cache_kw: cache}).logits[0].float()
+        finally:
+            self._bypass_hook = False
+            for handle in handles:
+                handle.remove()
+        if any(layer.keys.shape[-2] != len(ids) for layer in cache.layers):  # a sliding window dropped some
+            return False
+        return FrozenPrefix(list(ids), cache, hidden, torch.log_softmax(logits, -1).cpu().numpy())
+
+    def _start(self, ids: Sequence[int], shift: int = 0) -> tuple[Any, FrozenPrefix | None]:
+        """A cache to run `ids` on: a copy of the system prompt's when they start with it (its keys sit
+        at positions from 0, so not for a `shift`), else an empty one."""
+        prefix = self.frozen_prefix(ids) if shift == 0 else None
+        view = None if prefix is None else self.cache_view(prefix.cache, len(prefix.ids))
+        return (self.new_cache(), None) if view is None else (view, prefix)
+
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
         if not ids:
@@ -260,41 +292,52 @@ class TorchBackend(Backend):
                     raise StopForward
             return hook
 
+        cache, prefix = self._start(ids, shift)  # first: computing the prefix runs a forward of its own
         handles = [self.layers[i].register_forward_pre_hook(before_layer(i), with_kwargs=True)
                    for i in plan.hidden_layers]
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        skip = 0 if prefix is None else len(prefix.ids)
+        input_ids = torch.tensor([list(ids[skip:])], dtype=torch.long, device=self.device)
         self._bypass_hook = True
         try:
             with torch.no_grad(), plan_scope(plan):
-                positions = torch.arange(shift, shift + len(ids), device=self.device)[None]
+                positions = torch.arange(shift + skip, shift + len(ids), device=self.device)[None]
                 self.model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                           **{self._cache_kw: self.new_cache()})
+                           **{self._cache_kw: cache})
         except StopForward:
             pass
         finally:
             self._bypass_hook = False
             for handle in handles:
                 handle.remove()
-        return plan.captured
+        captured = plan.captured
+        if prefix is not None:  # the caller sees every position, the system prompt's included
+            captured.hidden = {i: torch.cat([prefix.hidden[i], h]) for i, h in captured.hidden.items()}
+            kept = prefix.cache.layers
+            captured.kv = {i: (torch.cat([kept[i].keys, k], dim=2), torch.cat([kept[i].values, v], dim=2))
+                           for i, (k, v) in captured.kv.items()}
+        return captured
 
     def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         rows, shared = check_logprob_batch(batch)
         tails = torch.zeros((len(rows), max(len(r) for r in rows) - shared), dtype=torch.long, device=self.device)
         for i, row in enumerate(rows):  # right padding needs no mask: under causal attention no token sees a pad
             tails[i, : len(row) - shared] = torch.tensor(row[shared:], dtype=torch.long)
-        head = None
+        cache, prefix = self._start(rows[0][:shared])
+        heads = [] if prefix is None else [prefix.logprobs]
+        done = 0 if prefix is None else len(prefix.ids)
         self._bypass_hook = True
         try:
             with torch.no_grad(), plan_scope(None):
-                cache = self.new_cache()
                 if shared:  # the rows' common prefix runs once; its keys/values are shared by every row
-                    prefix = torch.tensor([rows[0][:shared]], dtype=torch.long, device=self.device)
-                    head = self.model(input_ids=prefix, use_cache=True, **{self._cache_kw: cache}).logits[0].float()
+                    if shared > done:
+                        prompt = torch.tensor([rows[0][done:shared]], dtype=torch.long, device=self.device)
+                        logits = self.model(input_ids=prompt, use_cache=True, **{self._cache_kw: cache}).logits[0]
+                        heads.append(torch.log_softmax(logits.float(), -1).cpu().numpy())
                     cache.batch_repeat_interleave(len(rows))
                 logits = self.model(input_ids=tails, use_cache=True, **{self._cache_kw: cache}).logits.float()
         finally:
             self._bypass_hook = False
-        return join_logprobs(rows, shared, None if head is None else torch.log_softmax(head, -1).cpu().numpy(),
+        return join_logprobs(rows, shared, np.concatenate(heads) if heads else None,
                              torch.log_softmax(logits, -1).gather(2, tails[:, 1:, None])[..., 0].cpu().numpy())
 
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
