@@ -123,13 +123,9 @@ def join_logprobs(rows: Sequence[Sequence[int]], shared: int, head: np.ndarray |
     """Per row, log P(ids[i] | ids[:i]) for i >= 1, from the shared prefix's log-softmax `head`
     [shared, vocab] (None when nothing is shared) and the rows' own picked log-probabilities `tails`
     [rows, width - 1] (their token i + 1 given tokens up to i, past the prefix)."""
-    out = []
-    for i, row in enumerate(rows):
-        own = tails[i, : len(row) - shared - 1]
-        if head is not None:
-            own = np.concatenate([head[np.arange(shared), row[1: shared + 1]], own])
-        out.append(own.astype(np.float32))
-    return out
+    heads = [np.zeros(0) if head is None else head[np.arange(shared), row[1: shared + 1]] for row in rows]
+    return [np.concatenate([h, tails[i, : len(row) - shared - 1]]).astype(np.float32)
+            for i, (row, h) in enumerate(zip(rows, heads, strict=True))]
 
 
 @dataclass
@@ -145,11 +141,7 @@ class FrozenPrefix:
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def penalize_repeats(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
