@@ -4,8 +4,9 @@ Owns splitting one run's rows over N spawned processes, each of which loads its 
 and runs the rows it is handed with `BenchRunner.run_rows`, and merging what they return into the
 same results as a one-process run. Every row is computed from fresh engines and the plain model's
 probes are deterministic, so answers, probe replies and recall/locality/fluency figures do not
-depend on how rows are split; speed figures do (the rows share the cores), which is why the
-tokens/s ratio is paired within a row. It owns no row logic (`lmm.bench.runner`).
+depend on how rows are split (each worker computes the plain model's probes once, and they must
+agree); speed figures do (the rows share the cores), which is why the tokens/s ratio is paired
+within a row. It owns no row logic (`lmm.bench.runner`).
 """
 
 from __future__ import annotations
