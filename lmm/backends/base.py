@@ -233,7 +233,7 @@ class Backend(ABC):
         self.extra_kv: ExtraKV | None = None  # attention memory read by every forward (set_extra_kv)
         self._bypass_hook = False  # True during `capture`: the frozen model, no memory
         self._view: BackendView | None = None
-        self._prefix: FrozenPrefix | None | bool = None  # False: the template has no system prompt
+        self._prefix: FrozenPrefix | None | bool = None  # None: not computed yet; False: none is kept
 
     # --- primitives each backend implements ----------------------------------------
     @abstractmethod
@@ -343,7 +343,7 @@ class Backend(ABC):
     def frozen_prefix(self, ids: Sequence[int]) -> FrozenPrefix | None:
         """The system prompt's frozen state when `ids` start with it and go past it (else None).
         `capture` and `token_logprobs` start from it: every standalone turn a memory module encodes
-        repeats those tokens, and skipping them took a third off a message's encoding (measured)."""
+        repeats those tokens, and skipping them took a quarter off a message's encoding (measured)."""
         if self._prefix is None:
             turn = self.formatter.standalone_turn("Hello.")
             self._prefix = self._compute_prefix(turn.ids[: turn.start]) if turn.start > 1 else False
@@ -353,7 +353,7 @@ class Backend(ABC):
         return prefix if list(ids[: len(prefix.ids)]) == prefix.ids else None
 
     def _compute_prefix(self, ids: list[int]) -> FrozenPrefix | bool:
-        return False  # one frozen forward of `ids` from an empty cache; False: no prefix is kept
+        return False  # one frozen forward of `ids` from an empty cache; False: none is kept
 
     def reset_session(self) -> None:
         """Drop the session KV cache (the chat history changed or the module was replaced)."""
