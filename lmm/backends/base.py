@@ -347,13 +347,17 @@ class Backend(ABC):
         if self._prefix is None:
             turn = self.formatter.standalone_turn("Hello.")
             self._prefix = self._compute_prefix(turn.ids[: turn.start]) if turn.start > 1 else False
-        prefix = self._prefix
-        if not isinstance(prefix, FrozenPrefix) or len(ids) <= len(prefix.ids):
-            return None
-        return prefix if list(ids[: len(prefix.ids)]) == prefix.ids else None
+        p = self._prefix
+        return p if isinstance(p, FrozenPrefix) and len(ids) > len(p.ids) and list(ids[: len(p.ids)]) == p.ids else None
 
     def _compute_prefix(self, ids: list[int]) -> FrozenPrefix | bool:
         return False  # one frozen forward of `ids` from an empty cache; False: none is kept
+
+    def _start(self, ids: Sequence[int], shift: int = 0) -> tuple[Any, FrozenPrefix | None]:
+        """A copy of the system prompt's cache to run `ids` on, or an empty one (always for a `shift`)."""
+        prefix = self.frozen_prefix(ids) if shift == 0 else None
+        view = None if prefix is None else self.cache_view(prefix.cache, len(prefix.ids))
+        return (self.new_cache(), None) if view is None else (view, prefix)
 
     def reset_session(self) -> None:
         """Drop the session KV cache (the chat history changed or the module was replaced)."""

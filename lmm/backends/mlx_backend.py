@@ -262,26 +262,18 @@ class MlxBackend(Backend):
         logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float32)
         return FrozenPrefix(list(ids), cache, dict(plan.captured.hidden), logprobs)
 
-    def _start(self, ids: Sequence[int], shift: int = 0) -> tuple[list[Any], FrozenPrefix | None]:
-        """A cache to run `ids` on: a copy of the system prompt's when they start with it (not for a
-        `shift`, as on torch), else an empty one."""
-        prefix = self.frozen_prefix(ids) if shift == 0 else None
-        view = None if prefix is None else self.cache_view(prefix.cache, len(prefix.ids))
-        return (self.new_cache(), None) if view is None else (view, prefix)
-
     def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         rows, shared = check_logprob_batch(batch)
         width = max(len(r) for r in rows) - shared
         tails = mx.array([r[shared:] + [0] * (width - len(r) + shared) for r in rows])  # right padding: no mask
-        cache, prefix = self._start(rows[0][:shared])
+        cache, prefix = self._start(rows[0][:shared])  # a prefix is shorter than what the rows share
         heads = [] if prefix is None else [prefix.logprobs]
         done = 0 if prefix is None else len(prefix.ids)
         self._bypass_hook = True
         try:
             if shared:  # the rows' common prefix runs once; its keys/values are shared by every row
-                if shared > done:
-                    head = self.model(mx.array([rows[0][done:shared]]), cache=cache)[0].astype(mx.float32)
-                    heads.append(np.array(head - mx.logsumexp(head, axis=-1, keepdims=True), dtype=np.float32))
+                head = self.model(mx.array([rows[0][done:shared]]), cache=cache)[0].astype(mx.float32)
+                heads.append(np.array(head - mx.logsumexp(head, axis=-1, keepdims=True), dtype=np.float32))
                 for c in cache:
                     c.keys, c.values = mx.repeat(c.keys, len(rows), axis=0), mx.repeat(c.values, len(rows), axis=0)
             logits = self.model(tails, cache=cache).astype(mx.float32)

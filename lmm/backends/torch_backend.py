@@ -268,13 +268,6 @@ class TorchBackend(Backend):
             return False
         return FrozenPrefix(list(ids), cache, hidden, torch.log_softmax(logits, -1).cpu().numpy())
 
-    def _start(self, ids: Sequence[int], shift: int = 0) -> tuple[Any, FrozenPrefix | None]:
-        """A cache to run `ids` on: a copy of the system prompt's when they start with it (its keys sit
-        at positions from 0, so not for a `shift`), else an empty one."""
-        prefix = self.frozen_prefix(ids) if shift == 0 else None
-        view = None if prefix is None else self.cache_view(prefix.cache, len(prefix.ids))
-        return (self.new_cache(), None) if view is None else (view, prefix)
-
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
                 kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
         if not ids:
@@ -322,17 +315,16 @@ class TorchBackend(Backend):
         tails = torch.zeros((len(rows), max(len(r) for r in rows) - shared), dtype=torch.long, device=self.device)
         for i, row in enumerate(rows):  # right padding needs no mask: under causal attention no token sees a pad
             tails[i, : len(row) - shared] = torch.tensor(row[shared:], dtype=torch.long)
-        cache, prefix = self._start(rows[0][:shared])
+        cache, prefix = self._start(rows[0][:shared])  # a prefix is shorter than what the rows share
         heads = [] if prefix is None else [prefix.logprobs]
         done = 0 if prefix is None else len(prefix.ids)
         self._bypass_hook = True
         try:
             with torch.no_grad(), plan_scope(None):
                 if shared:  # the rows' common prefix runs once; its keys/values are shared by every row
-                    if shared > done:
-                        prompt = torch.tensor([rows[0][done:shared]], dtype=torch.long, device=self.device)
-                        logits = self.model(input_ids=prompt, use_cache=True, **{self._cache_kw: cache}).logits[0]
-                        heads.append(torch.log_softmax(logits.float(), -1).cpu().numpy())
+                    prompt = torch.tensor([rows[0][done:shared]], dtype=torch.long, device=self.device)
+                    logits = self.model(input_ids=prompt, use_cache=True, **{self._cache_kw: cache}).logits[0]
+                    heads.append(torch.log_softmax(logits.float(), -1).cpu().numpy())
                     cache.batch_repeat_interleave(len(rows))
                 logits = self.model(input_ids=tails, use_cache=True, **{self._cache_kw: cache}).logits.float()
         finally:
