@@ -43,11 +43,12 @@ def _run_row(name: str) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str,
     return _RUNNER.run_rows([name])[0], _RUNNER.plain_probes(), _RUNNER.backend_meta()
 
 
-def run_parallel(config: BenchConfig, jobs: int, on_row: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Every row of `config`, over `jobs` worker processes; the results of `BenchRunner.run`."""
+def run_parallel(planner: BenchRunner, jobs: int, on_row: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every row of `planner` (a runner with no backend: it runs nothing here), over `jobs` worker
+    processes; the results of `BenchRunner.run`."""
     start = time.perf_counter()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
-    planner = BenchRunner(config, backend=None)  # type: ignore[arg-type]  # checks the config, runs nothing
+    config = planner.config
     names = planner.row_names()
     # Module rows first, the cheap reference rows last, so that no long row starts at the end.
     names = [n for n in names if n not in REFERENCE_ROWS] + [n for n in names if n in REFERENCE_ROWS]

@@ -476,9 +476,9 @@ def run_benchmark(config: BenchConfig, backend: Backend | None = None, *, progre
         if jobs > 1:
             from lmm.bench.parallel import run_parallel
 
-            bar.update(task, total=len(BenchRunner(config, backend=None).row_names()),  # type: ignore[arg-type]
-                       description=f"rows over {jobs} processes")
-            results = run_parallel(config, jobs, on_row)
+            planner = BenchRunner(config, backend=None)  # type: ignore[arg-type]  # the workers load their own
+            bar.update(task, total=len(planner.row_names()), description=f"rows over {jobs} processes")
+            results = run_parallel(planner, jobs, on_row)
         else:
             owned = backend is None
             backend = backend or load_shared_backend(config.backend, config.model, config.threads)
