@@ -2,7 +2,8 @@
 
 Layers, top to bottom: the CLI and REPL (chat, repl, repl_text, commands), the session, the engine (engine,
 learning, consolidation, hook), the benchmark beside them, then `backends` and `memory`, which meet only through
-the shared types below them (types, ops, optim, chat_format, state, lock, events, models, model_cache, testing).
+the shared types below them (types, ops, optim, chat_format, chat_tokenizer, state, lock, events, models,
+model_cache, testing).
 Every `import` is read from the source, lazy ones inside functions included.
 """
 
@@ -20,7 +21,7 @@ LAYERS = [
     {"bench"},
     {"engine", "turns", "learning", "consolidation", "hook"},
     {"backends", "memory"},
-    {"types", "ops", "optim", "chat_format", "state", "lock", "events", "models", "model_cache",
+    {"types", "ops", "optim", "chat_format", "chat_tokenizer", "state", "lock", "events", "models", "model_cache",
      "testing", "__init__"},
 ]
 

@@ -28,6 +28,7 @@ from lmm.backends.base import (
     join_logprobs,
 )
 from lmm.chat_format import ChatFormatter
+from lmm.chat_tokenizer import load_tokenizer
 from lmm.ops import Params
 from lmm.types import Captured, HookFn
 
@@ -126,13 +127,11 @@ class MlxBackend(Backend):
         # that; the engine never runs the two threads' mlx work at the same time.
         self._stream = mx.new_thread_unsafe_stream(mx.default_device())
         mx.set_default_stream(self._stream)
-        from transformers import AutoTokenizer
-
         try:
             self.model, config = load_model(Path(model_path))
         except (ValueError, KeyError) as exc:
             raise BackendError(f"mlx_lm cannot load {model_path}: {exc}") from None
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=local_files_only)
+        tokenizer = load_tokenizer(Path(model_path), local_files_only=local_files_only)
         text_cfg = config.get("text_config", config)
         self.model_id, self.model_path = model_id, Path(model_path)
         self.precision = str(mx.default_device())

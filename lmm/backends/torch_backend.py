@@ -1,15 +1,17 @@
-"""PyTorch / transformers backend (CUDA, MPS, CPU).
+"""PyTorch backend (CUDA, MPS, CPU).
 
-Owns loading a Hugging Face causal LM folder, the forward hook on the chosen decoder layer,
-DynamicCache handling (views and truncation for prefix reuse), real beam search through
-`generate`, and `TorchOps`, the array operations memory modules run on. Imports torch
-lazily through this module only: an mlx user never imports it.
+Owns loading a Hugging Face causal LM folder (llama, qwen2 and qwen3 through this package's own
+`torch_llama`, without importing transformers; any other family through transformers), the
+forward hook on the chosen decoder layer, cache handling (views and truncation for prefix reuse),
+beam search, and `TorchOps`, the array operations memory modules run on. Imports torch lazily
+through this module only: an mlx user never imports it.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmm.backends import torch_llama
 from lmm.backends.attention_memory import AttentionPlan, StopForward, enable_torch_attention, plan_scope
 from lmm.backends.base import (
     Backend,
@@ -31,9 +34,11 @@ from lmm.backends.base import (
     join_logprobs,
 )
 from lmm.chat_format import ChatFormatter
+from lmm.chat_tokenizer import load_tokenizer
 from lmm.ops import Params
 from lmm.types import Captured, HookFn
 
+RUNTIMES = ("auto", "transformers")  # auto: this package's llama-family file where it covers the model
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -137,18 +142,27 @@ class TorchOps:
         return None
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _transformers_model(model_path: Path, dtype: torch.dtype, local_files_only: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-start "Loading weights" bar is noise in a chat
+    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, local_files_only=local_files_only)
+
+
 class TorchBackend(Backend):
     name = "torch"
     supports_beam = True
 
     def __init__(self, model_path: Path, model_id: str, *, device: str = "auto", dtype: str = "auto",
-                 local_files_only: bool = True) -> None:
+                 local_files_only: bool = True, runtime: str = "auto") -> None:
         super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a per-start "Loading weights" bar is noise in a chat
-
+        if runtime not in RUNTIMES:
+            raise BackendError(f"unknown torch runtime {runtime!r}; choose {', '.join(RUNTIMES)}")
         self.device = pick_device(device)
         if dtype == "auto":
             torch_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
@@ -156,25 +170,25 @@ class TorchBackend(Backend):
             torch_dtype = _DTYPES[dtype]
         else:
             raise BackendError(f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=torch_dtype, local_files_only=local_files_only
-        )
-        self.model = model.to(self.device).eval().requires_grad_(False)
-        cfg = model.config.get_text_config()
-        self.model_id, self.model_path = model_id, Path(model_path)
+        model_path = Path(model_path)
+        config = _read_json(model_path / "config.json")
+        text = config.get("text_config", config)
+        self.native = runtime != "transformers" and torch_llama.unsupported(config) is None
+        if self.native:  # the llama family in this package's own file: transformers is never imported
+            self.model = torch_llama.load_model(model_path, torch_dtype, self.device)
+        else:
+            self.model = _transformers_model(model_path, torch_dtype, local_files_only).to(self.device)
+            self.model.eval().requires_grad_(False)
+        self.runtime = "lmm" if self.native else "transformers"
+        self.model_id, self.model_path = model_id, model_path
         self.precision = f"{self.device.type}:{torch_dtype}"
-        self.hidden_size = int(cfg.hidden_size)
-        self.layer_path, self.layers = find_layers(self.model, int(cfg.num_hidden_layers))
+        self.hidden_size = int(text["hidden_size"])
+        self.layer_path, self.layers = find_layers(self.model, int(text["num_hidden_layers"]))
         self.num_layers = len(self.layers)
-        self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-        eos: list[int] = []
-        try:
-            gen = GenerationConfig.from_pretrained(str(model_path), local_files_only=True)
-            eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        except OSError:
-            pass  # no generation_config.json: the tokenizer's eos and known stop tokens suffice
-        self.formatter = ChatFormatter(tokenizer, eos)
+        self.context_length = int(text.get("max_position_embeddings") or 2048)
+        eos = _read_json(model_path / "generation_config.json").get("eos_token_id")  # absent: tokenizer's
+        eos = eos if isinstance(eos, list) else [eos]
+        self.formatter = ChatFormatter(load_tokenizer(model_path, local_files_only=local_files_only), eos)
         self.ops = TorchOps(self.device)
         self._hook_handle: Any = None
         # transformers 5.x renamed `past_key_values` to `cache`; accept both spellings.
@@ -203,6 +217,8 @@ class TorchBackend(Backend):
 
     # --- cache -------------------------------------------------------------------------
     def new_cache(self) -> Any:
+        if self.native:
+            return self.model.new_cache()
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
@@ -229,11 +245,15 @@ class TorchBackend(Backend):
         return self.cache_length(cache) == n
 
     # --- forward -------------------------------------------------------------------------
+    def _enable_plans(self) -> None:
+        if not self.native:  # the native attention reads the plan itself
+            enable_torch_attention(self.model)
+
     def _plan(self, offset: int | None) -> AttentionPlan | None:
         extra = self.extra_kv
         if extra is None:
             return None
-        enable_torch_attention(self.model)
+        self._enable_plans()
         return AttentionPlan(inject=extra.layers, visible_from=extra.visible_from, offset=offset)
 
     def _forward(self, ids: Sequence[int], cache: Any, grad: bool, keep: Sequence[int] | None) -> torch.Tensor:
@@ -273,7 +293,7 @@ class TorchBackend(Backend):
         if not ids:
             raise BackendError("capture needs at least one token")
         if kv_layers:
-            enable_torch_attention(self.model)
+            self._enable_plans()
         plan = AttentionPlan(capture_kv=frozenset(kv_layers), hidden_layers=frozenset(hidden_layers))
         deepest = max(hidden_layers, default=None)
 
@@ -333,6 +353,10 @@ class TorchBackend(Backend):
                              torch.log_softmax(logits, -1).gather(2, tails[:, 1:, None])[..., 0].cpu().numpy())
 
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
+        if self.native:
+            with torch.no_grad(), plan_scope(self._plan(None)):
+                return torch_llama.beam_search(self.model, prompt_ids, decoding.num_beams, decoding.max_tokens,
+                                               stop_ids, self.device)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         with torch.no_grad(), plan_scope(self._plan(None)):  # offsets follow the growing cache
             out = self.model.generate(
