@@ -55,6 +55,10 @@ def main() -> None:
     reply = DecodingConfig(strategy="greedy", max_tokens=12)
     figures: dict[str, dict[str, list[float]]] = {}
 
+    def keep_prefix(name: str) -> None:
+        if name == "transformers":  # its system prompt's state, computed on first use, is kept
+            runtimes[False]["_prefix"] = backend._prefix
+
     def measure(names: list[str], new_facts: list[Any], messages: list[str]) -> None:
         for k, fact in enumerate(new_facts):
             name = names[k % len(names)]
@@ -62,6 +66,7 @@ def main() -> None:
             t0 = time.perf_counter()
             module.write([{"role": "user", "content": fact.statement}], 0)
             figures.setdefault(name, {}).setdefault("write", []).append(time.perf_counter() - t0)
+            keep_prefix(name)
         for k, message in enumerate(messages):  # every message under every variant, first one rotating
             for name in names[k % len(names):] + names[: k % len(names)]:
                 variants[name]()
@@ -80,8 +85,7 @@ def main() -> None:
                 figures[name].setdefault("encode", []).append(t1 - t0)
                 figures[name].setdefault("route", []).append(t2 - t1)
                 figures[name].setdefault("reply", []).append(time.perf_counter() - t2)
-                if name == "transformers":  # its system-prompt state, computed on first use, is kept
-                    runtimes[False]["_prefix"] = backend._prefix
+                keep_prefix(name)
 
     questions = [f.question for f in facts[:40]] + list(UNRELATED) * 2
     measure(["fixed", "no-prefix", "transformers"], facts[40: 40 + args.facts], questions)

@@ -126,8 +126,9 @@ def test_tokenizer_reads_the_folder_as_transformers_does(family: str, tiny_model
 
 @pytest.mark.parametrize("family", ("llama", "gemma3"))
 def test_a_llama_family_chat_never_imports_transformers(family: str, tiny_models, tmp_path: Path) -> None:
-    """The real entry point, piped, with memory and background updates. Positive control: gemma3,
-    which needs transformers' implementation, imports it in the same run."""
+    """The real entry point, piped, with memory and background updates; nor torch._dynamo, which a
+    random init on the meta device pulls in (1.3 s). Positive control: gemma3, which needs
+    transformers' implementation, imports both in the same run."""
     args = [*tiny_chat_args(tiny_models, "torch", family), "--memory", "trace_bank", "--json"]
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "lmm.chat", *args],
                           input=b"My cat is called Pepper.\nWhat is my cat called?\n", capture_output=True,
@@ -137,3 +138,4 @@ def test_a_llama_family_chat_never_imports_transformers(family: str, tiny_models
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()
                 if line.startswith("import time:")}
     assert ("transformers" in imported) == (family == "gemma3")
+    assert ("torch._dynamo" in imported) == (family == "gemma3")

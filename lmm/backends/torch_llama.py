@@ -216,7 +216,9 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # given weights skip the random init, whose normal_ on the meta device imports torch._dynamo (1.3 s)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -241,7 +243,8 @@ class CausalLM(nn.Module):
         self.model = Decoder(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.register_buffer("inv_freq", _inv_freq(args), persistent=False)
+        # computed on the CPU even under load_model's meta device: a meta arange imports torch._dynamo
+        self.register_buffer("inv_freq", _inv_freq(args, torch.device("cpu")), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
