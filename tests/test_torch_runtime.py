@@ -1,6 +1,6 @@
 """The torch backend's own llama-family runtime and tokenizer against transformers'.
 
-`lmm.backends.torch_llama` runs llama, qwen2 and qwen3 folders and `lmm.chat_tokenizer` reads
+`lmm.backends.torch_llama` runs llama, mistral, qwen2 and qwen3 folders and `lmm.chat_tokenizer` reads
 their tokenizers without importing transformers (a cold start ~2x faster). They must give what
 transformers gives: the same logits, captures, injected-memory forwards and replies, the same ids,
 offsets and renderings; families they do not cover (gemma3) load through transformers.
@@ -139,3 +139,65 @@ def test_a_llama_family_chat_never_imports_transformers(family: str, tiny_models
                 if line.startswith("import time:")}
     assert ("transformers" in imported) == (family == "gemma3")
     assert ("torch._dynamo" in imported) == (family == "gemma3")
+
+
+ROPE_CASES = {
+    "llama3 RoPE": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 256}}),
+    "linear RoPE": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
+    "mistral": ("mistral", {"sliding_window": None}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_native_runtime_covers_scaled_rope_and_mistral(case: str, tmp_path: Path) -> None:
+    """Logits over a prompt and a cached continuation equal transformers' for folders written by it.
+    Positive control: the same folder read as default RoPE (its scaling dropped) differs, for the RoPE cases."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmm.backends.torch_llama import load_model
+
+    family, extra = ROPE_CASES[case]
+    config = AutoConfig.for_model(family, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    reference.save_pretrained(str(tmp_path))
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+
+    def logits(model, **kw) -> np.ndarray:
+        with torch.no_grad():
+            first = model(input_ids=ids[:, :30], use_cache=True, **kw).logits
+            rest = model(input_ids=ids[:, 30:], use_cache=True, **kw).logits
+        return torch.cat([first, rest], dim=1).numpy()
+
+    from transformers import DynamicCache
+
+    expected = logits(reference, cache=DynamicCache(config=config))
+    native = load_model(tmp_path, torch.float32, torch.device("cpu"))
+    np.testing.assert_allclose(logits(native, cache=native.new_cache()), expected, atol=1e-5, rtol=1e-5)
+    if case.endswith("RoPE"):
+        data = json.loads((tmp_path / "config.json").read_text())
+        data["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+        (tmp_path / "config.json").write_text(json.dumps(data))
+        plain = load_model(tmp_path, torch.float32, torch.device("cpu"))
+        assert not np.allclose(logits(plain, cache=plain.new_cache()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_what_the_native_runtime_leaves_to_transformers() -> None:
+    from lmm.backends.torch_llama import unsupported
+
+    base = {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
+    assert unsupported(base) is None
+    assert "gemma3" in unsupported({**base, "model_type": "gemma3_text"})
+    assert "yarn" in unsupported({**base, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    assert "sliding" in unsupported({**base, "model_type": "mistral", "sliding_window": 4096})
+    assert unsupported({**base, "model_type": "mistral", "sliding_window": None}) is None
+    assert "sliding" in unsupported({**base, "model_type": "qwen2", "use_sliding_window": True})
+    assert "partial" in unsupported({**base, "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}})
+    assert unsupported({"model_type": "llama", "rope_scaling": {"type": "llama3"}}) is None  # the older spelling

@@ -1,6 +1,6 @@
 """PyTorch backend (CUDA, MPS, CPU).
 
-Owns loading a Hugging Face causal LM folder (llama, qwen2 and qwen3 through this package's own
+Owns loading a Hugging Face causal LM folder (llama, mistral, qwen2 and qwen3 through this package's own
 `torch_llama`, without importing transformers; any other family through transformers), the
 forward hook on the chosen decoder layer, cache handling (views and truncation for prefix reuse),
 beam search, and `TorchOps`, the array operations memory modules run on. Imports torch lazily

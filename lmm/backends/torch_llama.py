@@ -1,4 +1,4 @@
-"""Llama-family decoders (llama, qwen2, qwen3) in plain torch, read straight from a model folder.
+"""Llama-family decoders (llama, mistral, qwen2, qwen3) in plain torch, read from a model folder.
 
 Owns the decoder itself (embeddings, RMSNorm, RoPE, grouped-query attention, gated MLP), its KV
 cache (`KVCache`: the few operations the torch backend uses: length, crop, copy, batch repeat,
@@ -8,13 +8,15 @@ keys/values prepended for the layers a memory module reads.
 
 Why it exists: importing transformers takes ~6 s of a ~9.5 s cold start on a 2-core CPU (it pulls
 in torch._dynamo, torch.distributed and scipy); these models need none of it. Other families
-(gemma3, RoPE scaling, sliding windows) still load through transformers (`supported` says which).
+(gemma3, sliding windows, RoPE types other than default / linear / llama3) still load through
+transformers (`unsupported` says why).
 It owns no generation loop, sampling or memory logic: those are the backend's and the modules'.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ from torch import nn
 
 from lmm.backends.attention_memory import _torch_prepend, current_plan
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v/o biases (qwen2: q/k/v always, o never)
     mlp_bias: bool = False
+    rope_scaling: dict[str, Any] | None = None  # rope_type linear / llama3 and their factors
 
     def __post_init__(self) -> None:
         if self.model_type not in FAMILIES:
@@ -59,10 +63,20 @@ class ModelArgs:
         why = unsupported(config)
         if why:
             raise ValueError(why)
-        rope = config.get("rope_parameters") or {}
+        rope = _rope(config)
         fields = {k: config[k] for k in cls.__dataclass_fields__ if k in config and config[k] is not None}
-        fields["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        fields["rope_theta"] = float(rope.get("rope_theta") or 10000.0)
+        fields["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
         return cls(**fields)
+
+
+def _rope(config: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings in transformers 5's form (`rope_parameters`) from either spelling of config.json."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope.setdefault("rope_theta", config.get("rope_theta"))
+    return rope
 
 
 def unsupported(config: dict[str, Any]) -> str | None:
@@ -70,10 +84,13 @@ def unsupported(config: dict[str, Any]) -> str | None:
     family = config.get("model_type")
     if family not in FAMILIES:
         return f"model_type {family!r}"
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        return f"RoPE type {rope.get('rope_type', rope.get('type'))!r}"
-    if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ()):
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ROPE_TYPES:
+        return f"RoPE type {rope.get('rope_type')!r}"
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        return "partial rotary embeddings"
+    sliding = config.get("use_sliding_window") if family != "mistral" else config.get("sliding_window")
+    if sliding or "sliding_attention" in (config.get("layer_types") or ()):
         return "sliding-window attention"
     if config.get("hidden_act", "silu") != "silu":
         return f"activation {config.get('hidden_act')!r}"
@@ -229,8 +246,22 @@ class Output:
 
 
 def _inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies, scaled as `rope_scaling` says (the formulas transformers uses)."""
     steps = torch.arange(0, args.head_dim, 2, dtype=torch.float, device=device)
-    return 1.0 / (args.rope_theta ** (steps / args.head_dim))
+    inv_freq = 1.0 / (args.rope_theta ** (steps / args.head_dim))
+    scaling = args.rope_scaling or {}
+    kind, factor = scaling.get("rope_type", "default"), float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":  # long wavelengths divided by `factor`, short ones kept, a smooth ramp between
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        context = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+        return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv_freq
 
 
 class CausalLM(nn.Module):
