@@ -143,7 +143,10 @@ class TorchOps:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, OSError) as exc:
+        raise BackendError(f"cannot read {path}: {exc}") from None
 
 
 def _transformers_model(model_path: Path, dtype: torch.dtype, local_files_only: bool) -> Any:
