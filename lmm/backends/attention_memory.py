@@ -111,15 +111,18 @@ def _torch_wrapper(original: Any) -> Any:
         extra = plan.inject.get(layer)
         if extra is None:
             return base(module, query, key, value, attention_mask, *args, **kwargs)
-        key, value, attention_mask = _torch_prepend(query, key, value, attention_mask, extra, plan)
+        key, value, attention_mask = torch_prepend(query, key, value, attention_mask, extra, plan)
         kwargs.pop("is_causal", None)
         return base(module, query, key, value, attention_mask, *args, **kwargs)
 
     return attention
 
 
-def _torch_prepend(query: Any, key: Any, value: Any, mask: Any, extra: tuple[Any, Any],
-                   plan: AttentionPlan) -> tuple[Any, Any, Any]:
+def torch_prepend(query: Any, key: Any, value: Any, mask: Any, extra: tuple[Any, Any],
+                  plan: AttentionPlan) -> tuple[Any, Any, Any]:
+    """`key`/`value` with `extra` prepended and the mask widened to match: the extra columns are
+    visible to queries at positions >= `plan.visible_from` (used by transformers' wrapper and by
+    `torch_llama`'s own attention)."""
     import torch
 
     ek, ev = extra

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmm.backends.attention_memory import _torch_prepend, current_plan
+from lmm.backends.attention_memory import current_plan, torch_prepend
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -195,7 +195,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.index, k, v)
         extra = None if plan is None else plan.inject.get(self.index)
         if extra is not None:
-            k, v, mask = _torch_prepend(q, k, v, mask, extra, plan)
+            k, v, mask = torch_prepend(q, k, v, mask, extra, plan)
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
