@@ -72,3 +72,20 @@ def test_bad_options_fail_with_one_line(tiny_models, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "unknown memory module 'nope'" in proc.stderr.decode()
     proc = run_chat(["--model", str(tmp_path / "missing"), "--local-files-only"], b"", tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("broken", ["config.json", "model.safetensors"])
+def test_a_broken_model_folder_fails_with_one_line(broken: str, tiny_models, tmp_path: Path) -> None:
+    """A folder with an unreadable config or no weights: one line naming the file, exit 2, no traceback."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], folder)
+    if broken == "config.json":
+        (folder / broken).write_text("{not json")
+    else:
+        (folder / broken).unlink()
+    proc = run_chat(["--model", str(folder), "--max-tokens", "2"], b"hello\n", tmp_path)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr.decode()
+    assert err[-1].startswith("lmm: error:") and broken in err[-1]
