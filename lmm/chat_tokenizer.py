@@ -42,10 +42,11 @@ class ChatTokenizer:
         self._template: Any = None
 
     @classmethod
-    def from_folder(cls, folder: Path) -> ChatTokenizer:
+    def from_folder(cls, folder: Path, config: dict[str, Any] | None = None) -> ChatTokenizer:
+        """`config`: the folder's tokenizer_config.json when the caller has read it already."""
         from tokenizers import Tokenizer
 
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config = config or _read_config(folder)
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -121,11 +122,15 @@ def _compile(template: str) -> Any:
     return env.from_string(template)
 
 
-def native_reason(folder: Path) -> str | None:
+def _read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+
+def native_reason(folder: Path, config: dict[str, Any] | None = None) -> str | None:
     """Why `folder`'s tokenizer needs transformers, or None when `ChatTokenizer` reads it exactly."""
     if not (folder / "tokenizer.json").is_file() or not (folder / "tokenizer_config.json").is_file():
         return "no tokenizer.json / tokenizer_config.json"
-    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config = config or _read_config(folder)
     if config.get("tokenizer_class") not in _AS_SAVED:
         return f"tokenizer class {config.get('tokenizer_class')!r}"
     return None
@@ -134,8 +139,9 @@ def native_reason(folder: Path) -> str | None:
 def load_tokenizer(folder: Path, *, local_files_only: bool = True) -> Any:
     """The folder's tokenizer: a `ChatTokenizer` when it reads the folder exactly, else transformers'."""
     folder = Path(folder)
-    if folder.is_dir() and native_reason(folder) is None:
-        return ChatTokenizer.from_folder(folder)
+    config = _read_config(folder) if (folder / "tokenizer_config.json").is_file() else None
+    if folder.is_dir() and native_reason(folder, config) is None:
+        return ChatTokenizer.from_folder(folder, config)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=local_files_only)

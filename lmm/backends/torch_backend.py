@@ -178,7 +178,7 @@ class TorchBackend(Backend):
         text = config.get("text_config", config)
         self.native = runtime != "transformers" and torch_llama.unsupported(config) is None
         if self.native:  # the llama family in this package's own file: transformers is never imported
-            self.model = torch_llama.load_model(model_path, torch_dtype, self.device)
+            self.model = torch_llama.load_model(model_path, torch_dtype, self.device, config)
         else:
             self.model = _transformers_model(model_path, torch_dtype, local_files_only).to(self.device)
             self.model.eval().requires_grad_(False)

@@ -174,9 +174,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=o_bias)
-        if args.model_type == "qwen3":
-            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        qk_norm = args.model_type == "qwen3"
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -184,7 +184,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -196,11 +196,13 @@ class Attention(nn.Module):
         extra = None if plan is None else plan.inject.get(self.index)
         if extra is not None:
             k, v, mask = torch_prepend(q, k, v, mask, extra, plan)
-        if self.n_kv != self.n_heads:
+        grouped = self.n_kv != self.n_heads
+        if grouped and mask is not None:  # SDPA's grouped-query path takes no mask: repeat the kv heads
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         causal = mask is None and t > 1  # no mask only when the queries are all the keys (or one query)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5,
+                                             enable_gqa=grouped and mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -309,11 +311,13 @@ class CausalLM(nn.Module):
         return Output(logits=F.linear(x, head))
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Build the model on the meta device and assign the folder's tensors (no random init, no copy)."""
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device,
+               config: dict[str, Any] | None = None) -> CausalLM:
+    """Build the model on the meta device and assign the folder's tensors (no random init, no copy).
+    `config`: the folder's config.json when the caller has read it already."""
     from safetensors.torch import load_file
 
-    args = ModelArgs.from_config(json.loads((folder / "config.json").read_text()))
+    args = ModelArgs.from_config(config or json.loads((folder / "config.json").read_text()))
     with torch.device("meta"):
         model = CausalLM(args)
     index = folder / "model.safetensors.index.json"
@@ -326,7 +330,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> Causal
         weights.pop("lm_head.weight", None)
     weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)
-    model.inv_freq = _inv_freq(args, device)  # built on meta with the rest: computed again for real
+    model.inv_freq = model.inv_freq.to(device)  # a plain CPU tensor: the meta context leaves it alone
     return model.eval().requires_grad_(False)
 
 
