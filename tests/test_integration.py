@@ -95,6 +95,14 @@ def test_trace_bank_decides_with_the_model(embedded) -> None:
                                                         "My younger brother is called Kenji."]
         assert [bank._text(bank.traces[i]) for i in bank.select("What's the cabin's wifi password?")] == [
             "The wifi password at the cabin is pinecone77."]
+        # A neighbouring question reads the cabin's statement; with `cover_surprisal` on, "gym" stays
+        # surprising after it and nothing is read.
+        neighbour = "What is the wifi password at my gym?"
+        assert [bank._text(bank.traces[i]) for i in bank.select(neighbour)] == [
+            "The wifi password at the cabin is pinecone77."]
+        bank.cfg.cover_surprisal = 6.5
+        assert bank.select(neighbour) == []
+        bank.cfg.cover_surprisal = 0.0
         unrelated = "Can you help me write a short poem about autumn?"
         assert bank.select(unrelated) == []
         plain = eng.respond([{"role": "user", "content": unrelated}], memory=False).tokens

@@ -34,6 +34,7 @@ from trace_bank_helpers import (
 
 from lmm.memory.trace_bank import TraceBankConfig
 from lmm.memory.trace_gate import fit_probe, is_question, sentences
+from lmm.memory.trace_routing import Support
 from lmm.memory.traces import storage_dtype
 from lmm.testing import FAMILIES
 
@@ -336,6 +337,34 @@ def test_candidates_below_check_margin_cost_no_forward(tiny_backend) -> None:
         bank(eng).cfg.check_margin = 2.0  # past any margin (a difference of cosines from thresholds)
         bank(eng)._logprobs.clear()
         assert bank(eng).select("Where do I live?") == [] and checked[-1] == 0
+    finally:
+        eng.close()
+
+
+def test_uncovered_is_the_least_explained_token_of_the_best_explained_sentence(tiny_backend) -> None:
+    """A token counts when the statement makes it likelier by less than `cover_gain`; each sentence's
+    first token never counts; a message of several sentences is as covered as its best sentence."""
+    eng = engine(tiny_backend("torch"), cover_gain=4.0)
+    try:
+        surprisal = np.array([9.0, 2.0, 8.0, 1.0, 9.0, 1.0, 1.0])
+        gain = np.array([0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0])
+        assert bank(eng)._uncovered(surprisal, gain, [0]) == 9.0  # token 4; token 2 is explained by its gain
+        assert bank(eng)._uncovered(surprisal, gain, [0, 4]) == 1.0  # the second sentence: 5 and 6 only
+        assert bank(eng)._uncovered(surprisal[:4], gain[:4], [0]) == 2.0  # token 2 explained ...
+        assert bank(eng)._uncovered(surprisal[:4], np.zeros(4), [0]) == 8.0  # ... control: without its gain
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("uncovered, read", [(6.0, True), (7.0, False)])
+def test_a_statement_leaving_a_token_unexplained_is_not_read(uncovered: float, read: bool, tiny_backend) -> None:
+    """Past the relevance threshold, a candidate is still not read when the message keeps a token the
+    statement does not explain past `cover_surprisal` (the first row is the positive control)."""
+    eng = engine(tiny_backend("torch"), relevance=0.5, margin_weight=0.0, check_margin=-2.0, cover_surprisal=6.5)
+    try:
+        teach(eng, FACT)
+        bank(eng).relevance = lambda traces, text: [Support(1.0, uncovered) for _ in traces]  # type: ignore[method-assign]
+        assert bool(bank(eng).select("Where do I live?")) is read
     finally:
         eng.close()
 

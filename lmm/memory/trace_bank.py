@@ -63,6 +63,8 @@ class TraceBankConfig(MemoryConfig):
     check_margin: float = -0.1  # ... those at least this far past the nearer threshold (-2: all of them)
     relevance: float = 0.85  # second stage: a trace is read when its gain + margin_weight * margin reaches this
     margin_weight: float = 2.0  # (gain: mean log-probability gain of the message's tokens after the statement)
+    cover_surprisal: float = 0.0  # > 0: ... and no message token stays this surprising (nats) after the
+    cover_gain: float = 4.0  # statement unless it gains this much (0: off; docs/trace_bank.md, neighbours)
     max_read: int = 3  # traces read for one reply at most
     read_budget: int = 96  # statement tokens read for one reply at most
     read_spread: float = 1.0  # a further trace is read when its relevance is within this of the best's
@@ -103,7 +105,7 @@ class TraceBankConfig(MemoryConfig):
                           ("max_trace_tokens", 4)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("read_spread", "supersede_gap"):
+        for name in ("read_spread", "supersede_gap", "cover_surprisal", "cover_gain"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.write_gate not in ("model", "all"):

@@ -7,17 +7,17 @@ matrix product) and, for the `shortlist` best of it, token-level late interactio
 token's best cosine, weighted by how specific the token is), ranked by the margin past the nearer
 threshold. Second stage, over the best `candidates` whose margin reaches `check_margin` (none: no
 forward at all, the common case for a message about nothing stored), in one batched forward: the
-frozen model's own
-judgement, the mean gain in log-probability of the message's tokens when the statement precedes
-them (pointwise mutual information), plus `margin_weight` times the first-stage margin; a trace
-past `relevance` is read, and of two read statements about the message's subject, only the newer
-(a correction). A mixin of `TraceBank`, which owns the store, writing and reading; it holds no
-state of its own beyond caches.
+frozen model's own judgement, the mean gain in log-probability of the message's tokens when the
+statement precedes them (pointwise mutual information), plus `margin_weight` times the first-stage
+margin; a trace past `relevance` is read (with `cover_surprisal` set, only if it leaves no token of
+the message unexplained: still surprising after it and made little likelier by it), and of two read
+statements about the message's subject, only the newer (a correction). A mixin of `TraceBank`,
+which owns the store, writing and reading; it holds no state of its own beyond caches.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,13 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from lmm.memory.trace_store import TraceStore
+
+
+class Support(NamedTuple):
+    """What the frozen model says of a statement as context for a message (`TraceRouting.relevance`)."""
+
+    gain: float  # mean log-probability gain of the message's tokens after the statement
+    uncovered: float  # the most surprising message token (nats) the statement does not explain
 
 
 class TraceRouting:
@@ -198,17 +205,19 @@ class TraceRouting:
     def route(self, text: str) -> tuple[list[int], dict[str, float]]:
         """The traces a reply to `text` reads, oldest first, and each candidate's relevance. First stage:
         every current trace ranked by its routing margin; second stage: the best `candidates` (those past
-        `check_margin`) checked by the frozen model (`relevance`, plus `margin_weight` times the margin);
-        read: the most relevant past the `relevance` threshold, and the next within `read_spread` of it,
-        at most `max_read` and `read_budget` tokens."""
+        `check_margin`) checked by the frozen model (`relevance`, plus `margin_weight` times the margin,
+        and, when `cover_surprisal` is set, no message token left unexplained past it); read: the most relevant past the
+        `relevance` threshold, and the next within `read_spread` of it, at most `max_read` and
+        `read_budget` tokens."""
         if not text or not self.traces:
             return [], {}
         margin = self.margins(text)
         first = [int(i) for i in np.argsort(-margin, kind="stable")[: self.cfg.candidates]
                  if np.isfinite(margin[i]) and margin[i] >= self.cfg.check_margin]
-        gains = {i: gain + self.cfg.margin_weight * float(margin[i])
-                 for i, gain in zip(first, self.relevance([self.traces[i] for i in first], text), strict=True)}
-        relevant = sorted((i for i in first if gains[i] >= self.cfg.relevance), key=lambda i: -gains[i])
+        support = dict(zip(first, self.relevance([self.traces[i] for i in first], text), strict=True))
+        gains = {i: support[i].gain + self.cfg.margin_weight * float(margin[i]) for i in first}
+        relevant = sorted((i for i in first if gains[i] >= self.cfg.relevance
+                           and not 0 < self.cfg.cover_surprisal < support[i].uncovered), key=lambda i: -gains[i])
         order = self._corrected(relevant, gains)
         chosen: list[int] = []
         budget = self.cfg.read_budget
@@ -241,11 +250,17 @@ class TraceRouting:
 
         return [i for i in order if not any(corrects(j, i) for j in order if j != i)]
 
-    def relevance(self, traces: Sequence[Trace], text: str) -> list[float]:
-        """How much each statement makes the message likelier: the mean gain in log-probability of the
-        message's tokens when the statement precedes them in the user's turn (the frozen model's
-        pointwise mutual information; about 0 for a statement that has nothing to do with it). One
-        batched forward scores every statement (and the message alone, unless cached)."""
+    def relevance(self, traces: Sequence[Trace], text: str) -> list[Support]:
+        """What each statement does for the message, under the frozen model, in one batched forward
+        (with the message alone, unless cached): `gain`, the mean gain in log-probability of the
+        message's tokens when the statement precedes them in the user's turn (pointwise mutual
+        information; about 0 for a statement that has nothing to do with it); and `uncovered`, the
+        surprisal of the message's least explained token: the highest, over tokens the statement makes
+        likelier by less than `cover_gain` nats, of their surprisal after it. A neighbouring slot stays
+        surprising ("sister" after "My brother is called Kenji.": 5-8 nats) where the statement's own
+        subject becomes likely. Each sentence's first token (where one sentence meets the next) is left
+        out, and a message of several sentences counts its best explained sentence (the question inside
+        a longer message decides, as in the first stage)."""
         if not traces:
             return []
         ids, _, content = self._turn(text)
@@ -261,4 +276,26 @@ class TraceRouting:
         scored = self._model.token_logprobs(rows)
         if alone is None:
             alone = self._logprobs.put(text, scored.pop()[np.asarray(content) - 1])
-        return [float(np.mean(row[tail - 1] - alone)) for row, tail in zip(scored, tails, strict=True)]
+        segments = self._sentence_starts([ids[i] for i in content]) if self.cfg.cover_surprisal > 0 else []
+        out = []
+        for row, tail in zip(scored, tails, strict=True):
+            after = row[tail - 1]
+            uncovered = self._uncovered(-after, after - alone, segments) if segments else 0.0
+            out.append(Support(float(np.mean(after - alone)), uncovered))
+        return out
+
+    def _sentence_starts(self, tokens: Sequence[int]) -> list[int]:
+        """Indices in `tokens` where a sentence starts (the first, and each after one ending in . ! ?)."""
+        starts = [0]
+        for k in range(1, len(tokens)):
+            if self._model.decode([tokens[k - 1]]).rstrip().endswith((".", "!", "?")):
+                starts.append(k)
+        return starts
+
+    def _uncovered(self, surprisal: np.ndarray, gain: np.ndarray, starts: list[int]) -> float:
+        """The least explained token's surprisal in the best explained sentence (0: all explained)."""
+        worst = []
+        for a, b in zip(starts, [*starts[1:], len(surprisal)], strict=True):
+            left = [float(surprisal[t]) for t in range(a + 1, b) if gain[t] < self.cfg.cover_gain]
+            worst.append(max(left, default=0.0))
+        return min(worst)
