@@ -63,8 +63,8 @@ class TraceBankConfig(MemoryConfig):
     check_margin: float = -0.1  # ... those at least this far past the nearer threshold (-2: all of them)
     relevance: float = 0.85  # second stage: a trace is read when its gain + margin_weight * margin reaches this
     margin_weight: float = 2.0  # (gain: mean log-probability gain of the message's tokens after the statement)
-    cover_surprisal: float = 0.0  # > 0: ... and no message token stays this surprising (nats) after the
-    cover_gain: float = 4.0  # statement unless it gains this much (0: off; docs/trace_bank.md, neighbours)
+    cover_surprisal: float = 0.0  # > 0: not read if a message token stays this surprising (nats) after it ...
+    cover_gain: float = 4.0  # ... and gains less than this from it (0: off; docs/trace_bank.md, neighbours)
     max_read: int = 3  # traces read for one reply at most
     read_budget: int = 96  # statement tokens read for one reply at most
     read_spread: float = 1.0  # a further trace is read when its relevance is within this of the best's

@@ -206,9 +206,9 @@ class TraceRouting:
         """The traces a reply to `text` reads, oldest first, and each candidate's relevance. First stage:
         every current trace ranked by its routing margin; second stage: the best `candidates` (those past
         `check_margin`) checked by the frozen model (`relevance`, plus `margin_weight` times the margin,
-        and, when `cover_surprisal` is set, no message token left unexplained past it); read: the most relevant past the
-        `relevance` threshold, and the next within `read_spread` of it, at most `max_read` and
-        `read_budget` tokens."""
+        and, when `cover_surprisal` is set, no message token left unexplained past it); read: the most
+        relevant past the `relevance` threshold, and the next within `read_spread` of it, at most
+        `max_read` and `read_budget` tokens."""
         if not text or not self.traces:
             return [], {}
         margin = self.margins(text)
@@ -256,9 +256,9 @@ class TraceRouting:
         message's tokens when the statement precedes them in the user's turn (pointwise mutual
         information; about 0 for a statement that has nothing to do with it); and `uncovered`, the
         surprisal of the message's least explained token: the highest, over tokens the statement makes
-        likelier by less than `cover_gain` nats, of their surprisal after it. A neighbouring slot stays
-        surprising ("sister" after "My brother is called Kenji.": 5-8 nats) where the statement's own
-        subject becomes likely. Each sentence's first token (where one sentence meets the next) is left
+        likelier by less than `cover_gain` nats, of their surprisal after it. A question about a
+        neighbouring subject often keeps one ("dentist" after "My driving test is on Friday.": 13.6
+        nats) where the statement's own subject becomes likely. Each sentence's first token (where one sentence meets the next) is left
         out, and a message of several sentences counts its best explained sentence (the question inside
         a longer message decides, as in the first stage)."""
         if not traces:
