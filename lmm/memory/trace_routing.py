@@ -258,9 +258,9 @@ class TraceRouting:
         surprisal of the message's least explained token: the highest, over tokens the statement makes
         likelier by less than `cover_gain` nats, of their surprisal after it. A question about a
         neighbouring subject often keeps one ("dentist" after "My driving test is on Friday.": 13.6
-        nats) where the statement's own subject becomes likely. Each sentence's first token (where one sentence meets the next) is left
-        out, and a message of several sentences counts its best explained sentence (the question inside
-        a longer message decides, as in the first stage)."""
+        nats) where the statement's own subject becomes likely. Each sentence's first token (where one
+        sentence meets the next) is left out, and a message of several sentences counts its best
+        explained sentence (the question inside a longer message decides, as in the first stage)."""
         if not traces:
             return []
         ids, _, content = self._turn(text)
