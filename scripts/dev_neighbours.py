@@ -21,8 +21,6 @@ from lmm.bench.metrics import recalls
 
 
 def read(module: Any, text: str) -> list[str]:
-    module._queries.clear()
-    module._logprobs.clear()
     return [module._text(module.traces[i]) for i in module.select(text)]
 
 

@@ -356,6 +356,24 @@ def test_uncovered_is_the_least_explained_token_of_the_best_explained_sentence(t
         eng.close()
 
 
+def test_sentence_starts_follow_the_first_stage_split(tiny_backend) -> None:
+    """The coverage rule's sentences are `sentences`': one sentence, one start; "Mrs." ends none."""
+    eng = engine(tiny_backend("torch"))
+    try:
+        b = bank(eng)
+        two = "I met Mrs. Okafor today. Where do I work?"
+        for text, parts in (("Where do I work?", ["Where do I work?"]),
+                            (two, ["I met Mrs. Okafor today.", "Where do I work?"])):
+            ids, _, content = b._turn(text)
+            tokens = [ids[i] for i in content]
+            starts = b._sentence_starts(tokens, text)
+            ends = [*starts[1:], len(tokens)]
+            pieces = [b._model.decode(tokens[a:z]).strip() for a, z in zip(starts, ends, strict=True)]
+            assert pieces == parts == sentences(text)
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("uncovered, read", [(6.0, True), (7.0, False)])
 def test_a_statement_leaving_a_token_unexplained_is_not_read(uncovered: float, read: bool, tiny_backend) -> None:
     """Past the relevance threshold, a candidate is still not read when the message keeps a token the

@@ -276,19 +276,29 @@ class TraceRouting:
         scored = self._model.token_logprobs(rows)
         if alone is None:
             alone = self._logprobs.put(text, scored.pop()[np.asarray(content) - 1])
-        segments = self._sentence_starts([ids[i] for i in content]) if self.cfg.cover_surprisal > 0 else []
+        covering = self.cfg.cover_surprisal > 0
+        starts = self._sentence_starts([ids[i] for i in content], text) if covering else [0]
         out = []
         for row, tail in zip(scored, tails, strict=True):
             after = row[tail - 1]
-            uncovered = self._uncovered(-after, after - alone, segments) if segments else 0.0
-            out.append(Support(float(np.mean(after - alone)), uncovered))
+            gain = after - alone
+            out.append(Support(float(np.mean(gain)), self._uncovered(-after, gain, starts) if covering else 0.0))
         return out
 
-    def _sentence_starts(self, tokens: Sequence[int]) -> list[int]:
-        """Indices in `tokens` where a sentence starts (the first, and each after one ending in . ! ?)."""
+    def _sentence_starts(self, tokens: Sequence[int], text: str) -> list[int]:
+        """Where each sentence of `text` (`sentences`, the split the first stage routes on) starts in
+        `tokens`, its content tokens; a one-sentence message is [0], with nothing decoded."""
+        parts = sentences(text)
+        if len(parts) < 2:
+            return [0]
+        full, ends = self._model.decode(list(tokens)), []
+        for part in parts[:-1]:  # a sentence cut off by the token limit is not found: it joins the next
+            at = full.find(part, ends[-1] if ends else 0)
+            if at >= 0:
+                ends.append(at + len(part))
         starts = [0]
         for k in range(1, len(tokens)):
-            if self._model.decode([tokens[k - 1]]).rstrip().endswith((".", "!", "?")):
+            if len(starts) <= len(ends) and len(self._model.decode(list(tokens[:k]))) >= ends[len(starts) - 1]:
                 starts.append(k)
         return starts
 
