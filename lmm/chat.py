@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repetition-penalty", type=float, default=_DECODING.repetition_penalty, metavar="F",
                    help=f"penalise tokens repeated within the reply, which stops loops (default "
                         f"{_DECODING.repetition_penalty}; 1 turns it off)")
+    d.add_argument("--memory-contrast", type=float, default=_DECODING.memory_contrast, metavar="F",
+                   help="while the memory is read (trace_bank), favour what it changes: log-probabilities "
+                        f"(1+F) x with it - F x without it (default {_DECODING.memory_contrast}; 0 turns it off)")
     d.add_argument("--system-prompt", metavar="TEXT", help="system prompt")
 
     o = p.add_argument_group("output")
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         decoding = DecodingConfig(strategy=args.decoding_strategy, deterministic=args.deterministic,
                                   temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                                   num_beams=args.num_beams, seed=args.seed,
-                                  repetition_penalty=args.repetition_penalty)
+                                  repetition_penalty=args.repetition_penalty,
+                                  memory_contrast=args.memory_contrast)
         config = EngineConfig(
             model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
             local_files_only=args.local_files_only, memory=args.memory, memory_options=parse_options(args.mm_opt),

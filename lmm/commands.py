@@ -46,7 +46,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-SET_KEYS = ("temperature", "top_p", "max_tokens", "system")
+SET_KEYS = ("temperature", "top_p", "max_tokens", "memory_contrast", "system")
 LEARNED_SHOWN = 10  # /memory lists the most surprising learned tokens of the last message
 
 
@@ -322,14 +322,15 @@ def _user(session: ChatSession, args: str) -> CommandResult:
     return CommandResult("; ".join(parts))
 
 
-@command("set", "/set [KEY VALUE]", "set temperature, top_p, max_tokens or system (prompt; 'none' clears)",
+@command("set", "/set [KEY VALUE]", "set temperature, top_p, max_tokens, memory_contrast (0: off) or system "
+                                   "(prompt; 'none' clears)",
          choices=SET_KEYS)
 def _set(session: ChatSession, args: str) -> CommandResult:
     engine = session.engine
     decoding = engine.config.decoding
     if not args:
         return _report([("temperature", str(decoding.temperature)), ("top_p", str(decoding.top_p)),
-                        ("max_tokens", str(decoding.max_tokens)),
+                        ("max_tokens", str(decoding.max_tokens)), ("memory_contrast", str(decoding.memory_contrast)),
                         ("system", repr(engine.config.system_prompt) if engine.config.system_prompt else "(none)"),
                         ("decoding", decoding.resolved(engine.backend.supports_beam))])
     key, _, value = args.partition(" ")

@@ -217,13 +217,15 @@ def test_set_validates_values(make_session) -> None:
                         ("/set top_p 0", "top_p must be in (0, 1]"), ("/set top_p 1.5", "top_p must be in"),
                         ("/set max_tokens 0", "max_tokens must be >= 1"), ("/set max_tokens 2.5", "an integer"),
                         ("/set max_tokens 512", "below the context window"), ("/set temprature 1", "temperature?"),
-                        ("/set temperature", "usage: /set temperature VALUE")]:
+                        ("/set temperature", "usage: /set temperature VALUE"),
+                        ("/set memory_contrast -1", "memory_contrast must be >= 0")]:
         result = run_command(session, line)
         assert result.error and words in result.text, line
     assert engine.config.decoding == DecodingConfig(max_tokens=8)  # nothing changed
     assert "no effect" in run_command(session, "/set temperature 0.3").text  # greedy by default
     assert not run_command(session, "/set top_p 0.5").error
     assert run_command(session, "/set max_tokens 5").text == "max_tokens = 5"
+    assert run_command(session, "/set memory_contrast 0").text == "memory_contrast = 0.0"
     assert (engine.config.decoding.temperature, engine.config.decoding.top_p) == (0.3, 0.5)
     assert engine.ask("hi").generation_tokens <= 5
     assert dict(run_command(session, "/set").rows or [])["max_tokens"] == "5"

@@ -1,4 +1,5 @@
-"""Replies that end: the repetition penalty, the n-gram block and the loop metric.
+"""Replies that end: the repetition penalty, the n-gram block and the loop metric; and the memory
+contrast (context-aware decoding while a memory is read).
 
 The tiny random models loop under plain greedy decoding, which makes them a good positive
 control: the same prompt loops with the guard off and does not with it on.
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from lmm.backends import DecodingConfig
-from lmm.backends.base import NgramBlocker, penalize_repeats
+from lmm.backends.decoding import NgramBlocker, contrast_scores, log_softmax, penalize_repeats
 from lmm.bench.metrics import has_loop
 
 
@@ -43,7 +44,9 @@ def test_has_loop(text: str, loops: bool) -> None:
 
 
 def test_config_validates_the_guard() -> None:
-    for bad in ({"repetition_penalty": 0.9}, {"repeat_last_n": -1}, {"no_repeat_ngram": 1}):
+    for bad in ({"repetition_penalty": 0.9}, {"repeat_last_n": -1}, {"no_repeat_ngram": 1},
+                {"memory_contrast": -0.5}, {"memory_contrast": float("nan")}, {"contrast_floor": 0.0},
+                {"contrast_floor": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DecodingConfig(**bad)
 
@@ -67,3 +70,49 @@ def test_guard_stops_greedy_loops_on_a_real_forward(tiny_backend, backend_name: 
     assert not _repeats_bigram(blocked)
     penalised = _reply(backend, DecodingConfig(max_tokens=48, repetition_penalty=1.5))
     assert penalised != plain and plain[0] == penalised[0]  # nothing to penalise before the first token
+
+
+def test_contrast_favours_what_the_read_changes_among_plausible_tokens() -> None:
+    read = np.log(np.array([0.50, 0.30, 0.15, 0.05], dtype=np.float32))
+    plain = np.log(np.array([0.70, 0.10, 0.15, 0.05], dtype=np.float32))
+    out = contrast_scores(read, plain, 1.0, 0.2)
+    assert np.allclose(out[:3], 2 * read[:3] - plain[:3], atol=1e-5)
+    assert int(np.argmax(out)) == 1  # the token the read made three times likelier wins over the plain favourite
+    assert np.isneginf(out[3])  # under a fifth of the best token's probability with the read: never chosen
+    assert int(np.argmax(contrast_scores(read, plain, 0.0, 0.2))) == 0  # no contrast: the read's own order
+    assert np.allclose(log_softmax(np.array([1.0, 1.0], dtype=np.float32)), np.log(0.5))
+
+
+def _read_reply(backend, decoding: DecodingConfig, extra) -> list[int]:
+    backend.set_extra_kv(extra)
+    try:
+        return _reply(backend, decoding)
+    finally:
+        backend.set_extra_kv(None)
+
+
+def test_contrast_acts_only_while_a_memory_is_read(tiny_backend, backend_name: str) -> None:
+    """With nothing read, replies are the same with the contrast on and off (bit for bit); with keys and
+    values read (the positive control), the first token is the contrast of the two forwards' scores,
+    and the reply differs from the one decoded without the contrast."""
+    from lmm.types import ExtraKV
+
+    backend = tiny_backend(backend_name, "llama")
+    on, off = DecodingConfig(max_tokens=16, memory_contrast=2.0, contrast_floor=1e-3), \
+        DecodingConfig(max_tokens=16, memory_contrast=0.0)
+    assert _reply(backend, on) == _reply(backend, off)
+    statement = backend.formatter.standalone_turn("My cat is called Pepper and she likes the mat.")
+    cap = backend.capture(statement.ids, kv_layers=range(backend.num_layers))
+    extra = ExtraKV(key="statement", layers={i: cap.kv[i] for i in range(backend.num_layers)},
+                    visible_from=statement.start)
+    read, contrasted = _read_reply(backend, off, extra), _read_reply(backend, on, extra)
+    prompt = backend.formatter.generation_ids([{"role": "user", "content": "the cat sat on the mat"}])
+    backend.set_extra_kv(extra)
+    try:
+        with_read = backend.ops.to_numpy(backend.forward(prompt, backend.new_cache(), "score")[-1])
+    finally:
+        backend.set_extra_kv(None)
+    without = backend.ops.to_numpy(backend.forward(prompt, backend.new_cache(), "score")[-1])
+    assert read[0] == int(np.argmax(with_read))
+    assert contrasted[0] == int(np.argmax(contrast_scores(with_read, without, 2.0, 1e-3)))
+    assert contrasted != read

@@ -18,16 +18,16 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
+from lmm.backends.decoding import DecodingConfig, NgramBlocker, contrast_scores, penalize_repeats, sample_token
 from lmm.chat_format import ChatFormatter
 from lmm.model_cache import cached_arrays, model_fingerprint
 from lmm.ops import Array, Ops
 from lmm.types import Captured, EncodedTurn, ExtraKV, HookFn, Phase, RewriteContext
 
-Strategy = Literal["auto", "greedy", "beam", "sample"]
 T = TypeVar("T")
 
 # Where decoder layers live, by attribute path, across the supported families.
@@ -44,49 +44,6 @@ LAYER_PATHS = (
 
 class BackendError(RuntimeError):
     """The backend cannot run this model or request."""
-
-
-@dataclass
-class DecodingConfig:
-    strategy: Strategy = "auto"
-    deterministic: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 256
-    num_beams: int = 4
-    seed: int = 0
-    # llama.cpp/ollama-style repetition penalty over the reply's last `repeat_last_n` tokens
-    # (1.0: off); without it greedy decoding of a small model loops until max_tokens.
-    repetition_penalty: float = 1.1
-    repeat_last_n: int = 64
-    no_repeat_ngram: int = 0  # > 0: a reply never repeats one of its own n-grams of this many tokens
-
-    def __post_init__(self) -> None:
-        if self.strategy not in ("auto", "greedy", "beam", "sample"):
-            raise ValueError(f"strategy must be auto, greedy, beam or sample; got {self.strategy!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.repetition_penalty < 1.0:
-            raise ValueError(f"repetition_penalty must be >= 1 (1 turns it off), got {self.repetition_penalty}")
-        if self.repeat_last_n < 0:
-            raise ValueError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
-        if self.no_repeat_ngram < 0 or self.no_repeat_ngram == 1:
-            raise ValueError(f"no_repeat_ngram must be 0 (off) or >= 2, got {self.no_repeat_ngram}")
-
-    def resolved(self, supports_beam: bool) -> Literal["greedy", "beam", "sample"]:
-        """The strategy actually run: auto follows --deterministic; beam falls back where unsupported."""
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = "greedy" if self.deterministic else "sample"
-        if strategy == "beam" and not supports_beam:
-            strategy = "greedy" if self.deterministic else "sample"
-        if strategy == "sample" and self.temperature == 0:
-            strategy = "greedy"
-        return strategy
 
 
 def find_layers(model: Any, expected: int | None = None) -> tuple[str, Sequence[Any]]:
@@ -142,57 +99,6 @@ class FrozenPrefix:
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
-def penalize_repeats(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
-    """Make the tokens in `recent` less likely, as llama.cpp does: positive logits divided by
-    `penalty`, negative ones multiplied (a copy; `logits` is not changed)."""
-    if penalty == 1.0 or not recent:
-        return logits
-    out = logits.astype(np.float32, copy=True)
-    ids = np.unique(np.asarray(recent, dtype=np.int64))
-    vals = out[ids]
-    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
-    return out
-
-
-class NgramBlocker:
-    """Bans the token that would repeat one of the reply's own n-grams (transformers'
-    no_repeat_ngram_size, over the reply only)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.seen: dict[tuple[int, ...], set[int]] = {}
-
-    def add(self, reply: Sequence[int]) -> None:
-        if self.n and len(reply) >= self.n:
-            self.seen.setdefault(tuple(reply[-self.n:-1]), set()).add(reply[-1])
-
-    def block(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:
-        banned = self.seen.get(tuple(reply[len(reply) - self.n + 1:])) if self.n and len(reply) >= self.n - 1 else None
-        if not banned:
-            return logits
-        out = logits.astype(np.float32, copy=True)
-        out[list(banned)] = -np.inf
-        return out
-
-
-def sample_token(logits: np.ndarray, strategy: str, temperature: float, top_p: float,
-                 rng: np.random.Generator) -> int:
-    if strategy == "greedy":
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / max(temperature, 1e-6)
-    z -= z.max()
-    probs = np.exp(z)
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        keep = np.cumsum(probs[order]) - probs[order] < top_p
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
-        probs /= probs.sum()
-    return int(rng.choice(len(probs), p=probs))
 
 
 @dataclass
@@ -409,11 +315,15 @@ class Backend(ABC):
         self._session_tokens = list(prompt_ids)  # what the cache will hold after the prefill
         new = prompt_ids[reused:]
         logits = self.forward(new, cache, "generate", keep=[len(new) - 1])
+        contrast = decoding.memory_contrast if self.extra_kv is not None else 0.0
+        plain = _PlainStream(self, prompt_ids) if contrast else None
         first_token_time = None
         reply: list[int] = []
         ngrams = NgramBlocker(decoding.no_repeat_ngram)
         for _ in range(decoding.max_tokens):
             scores = self.ops.to_numpy(logits[-1])
+            if plain is not None:
+                scores = contrast_scores(scores, plain.scores, contrast, decoding.contrast_floor)
             if decoding.repeat_last_n:
                 scores = penalize_repeats(scores, reply[-decoding.repeat_last_n:], decoding.repetition_penalty)
             scores = ngrams.block(scores, reply)
@@ -433,6 +343,8 @@ class Backend(ABC):
                 break
             logits = self.forward([tok], cache, "generate")
             self._session_tokens.append(tok)
+            if plain is not None:
+                plain.step(tok)
         stats.generation_seconds = time.perf_counter() - (first_token_time or start)
 
     def forward_on_prefix(self, prefix_ids: Sequence[int], ids: Sequence[int], phase: Phase,
@@ -456,6 +368,30 @@ class Backend(ABC):
                 view = self.new_cache()
                 self.forward(prefix_ids, view, "score", keep=[n - 1])
         return self.forward(ids, view, phase, keep=keep)
+
+
+class _PlainStream:
+    """The same reply decoded without the memory's extra keys/values (the memory contrast's other
+    side): its own cache, filled from the system prompt's frozen state when no hook is installed."""
+
+    def __init__(self, backend: Backend, prompt_ids: Sequence[int]) -> None:
+        self.backend = backend
+        prefix = backend.frozen_prefix(prompt_ids) if backend.installed_hook is None else None
+        view = None if prefix is None else backend.cache_view(prefix.cache, len(prefix.ids))
+        done = 0 if view is None else len(prefix.ids)
+        self.cache = backend.new_cache() if view is None else view
+        self.scores = self._forward(list(prompt_ids[done:]))
+
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        b = self.backend
+        extra, b.extra_kv = b.extra_kv, None  # not set_extra_kv: that would drop the session cache
+        try:
+            return b.ops.to_numpy(b.forward(ids, self.cache, "generate", keep=[len(ids) - 1])[-1])
+        finally:
+            b.extra_kv = extra
+
+    def step(self, tok: int) -> None:
+        self.scores = self._forward([tok])
 
 
 class BackendView:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lmm.backends import BackendError
+from lmm.backends.decoding import DecodingConfig
 from lmm.bench.engines import parse_module_options
 from lmm.bench.runner import DEFAULT_ANSWER_TOKENS, DEFAULT_REPLY_TOKENS, BenchConfig
 from lmm.consolidation import ConsolidationConfig
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding's repetition penalty over the reply (default 1.1, the chat's; 1: off)")
     p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
                    help="decoding never repeats an n-gram of N tokens of the reply (default 0: off)")
+    p.add_argument("--memory-contrast", type=float, default=DecodingConfig.memory_contrast, metavar="F",
+                   help=f"decoding's memory contrast while a memory is read (default {DecodingConfig.memory_contrast}, "
+                        "the chat's; 0: off)")
     p.add_argument("--abilities", type=Path, nargs="?", const=Path("benchmarks/abilities"), default=None,
                    metavar="DIR", help="the ability benchmark on DIR/<ability>.jsonl (default folder: "
                                        "benchmarks/abilities); rows: none, the modules (default trace_bank), "
@@ -171,7 +175,8 @@ def run_abilities(args: argparse.Namespace) -> int:
         cases = cases[: args.limit]
     config = AbilityConfig(modules=modules, module_options=options,  # type: ignore[arg-type]
                            references=not args.no_references, answer_tokens=args.max_tokens,
-                           reply_tokens=args.reply_tokens, seed=args.seed, repetition_penalty=args.repetition_penalty)
+                           reply_tokens=args.reply_tokens, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                           memory_contrast=args.memory_contrast)
     backend = load_shared_backend(args.backend, args.model, threads=args.threads)
     advance, finish = _progress(args)
     run = AbilityRun(backend, config, advance)
@@ -200,7 +205,7 @@ def run_recall(args: argparse.Namespace) -> int:
         out=args.out, answer_tokens=args.max_tokens, reply_tokens=args.reply_tokens, seed=args.seed,
         references=not args.no_references, lifelong=args.lifelong, sessions=args.sessions, layer=args.layer,
         threads=args.threads, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram=args.no_repeat_ngram,
+        no_repeat_ngram=args.no_repeat_ngram, memory_contrast=args.memory_contrast,
         consolidation_options=parse_module_options(args.consolidate_opt, scoped=False),  # type: ignore[arg-type]
     )
     ConsolidationConfig.from_strings(config.consolidation_options)  # a bad option fails before the run

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lmm.backends.base import Backend
+from lmm.backends.decoding import DecodingConfig
 from lmm.bench.engines import new_engine
 from lmm.bench.metrics import is_degenerate, recalls
 from lmm.bench.scenarios import ScenarioError, _iter_objects, _text, _texts, load_probes
@@ -126,6 +127,7 @@ class AbilityConfig:
     reply_tokens: int = 12
     seed: int = 0
     repetition_penalty: float = 1.1
+    memory_contrast: float = DecodingConfig.memory_contrast
 
 
 class AbilityRun:
@@ -143,7 +145,8 @@ class AbilityRun:
     def engine(self, module: str, max_tokens: int, learning: bool = True) -> ChatEngine:
         return new_engine(self.backend, module, self.config.module_options.get(module, {}), max_tokens=max_tokens,
                           seed=self.config.seed, learning=learning,
-                          repetition_penalty=self.config.repetition_penalty)
+                          repetition_penalty=self.config.repetition_penalty,
+                          memory_contrast=self.config.memory_contrast)
 
     # --- teaching and asking ---------------------------------------------------------------------------
     def teach(self, module: str, sessions: Sequence[Sequence[str]], path: Path) -> dict[str, Any]:

@@ -70,13 +70,15 @@ def compute_threads(backend: Backend) -> int | None:
 def new_engine(backend: Backend, memory: str, options: dict[str, str] | None, *, max_tokens: int, seed: int,
                learning: bool = True, layer: int | None = None,
                repetition_penalty: float = DecodingConfig.repetition_penalty,
-               no_repeat_ngram: int = DecodingConfig.no_repeat_ngram, consolidate: bool = False,
+               no_repeat_ngram: int = DecodingConfig.no_repeat_ngram,
+               memory_contrast: float = DecodingConfig.memory_contrast, consolidate: bool = False,
                consolidation_options: dict[str, str] | None = None) -> ChatEngine:
     """A fresh engine (fresh module) on an already loaded backend: greedy, no logs, synchronous updates."""
     config = EngineConfig(
         backend=backend.name, memory=memory, memory_options=dict(options or {}), seed=seed, layer=layer,
         decoding=DecodingConfig(strategy="greedy", max_tokens=max_tokens, seed=seed,
-                                repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram),
+                                repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
+                                memory_contrast=memory_contrast),
         activation_log_path=None, log_activations=False, background_updates=False, consolidate=consolidate,
         consolidation_options=dict(consolidation_options or {}),
     )

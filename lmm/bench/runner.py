@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmm.backends.base import Backend
+from lmm.backends.base import Backend, DecodingConfig
 from lmm.bench.engines import check_module_options, compute_threads, load_shared_backend, new_engine
 from lmm.bench.metrics import median
 from lmm.bench.records import (
@@ -112,11 +112,13 @@ class BenchConfig:
     threads: int = 1  # torch intra-op threads; 0: torch's default
     repetition_penalty: float = 1.1  # the chat's default decoding; 1.0: plain greedy
     no_repeat_ngram: int = 0
+    memory_contrast: float = DecodingConfig.memory_contrast  # the chat's default; 0: off
     consolidation_options: dict[str, str] = field(default_factory=dict)  # rows <module>+consolidate
 
-    def loop_guard(self) -> dict[str, Any]:
-        """The decoding options against loops, as `new_engine` takes them."""
-        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram": self.no_repeat_ngram}
+    def decoding_options(self) -> dict[str, Any]:
+        """The decoding options the benchmark varies, as `new_engine` takes them."""
+        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram": self.no_repeat_ngram,
+                "memory_contrast": self.memory_contrast}
 
     def scenario_path(self) -> Path:
         if self.scenarios is not None:
@@ -204,7 +206,7 @@ class BenchRunner:
         return new_engine(self.backend, base, options, max_tokens=max_tokens, seed=self.config.seed,
                           learning=learning, layer=self.config.layer, consolidate=variant == CONSOLIDATE,
                           consolidation_options=self.config.consolidation_options,
-                          **self.config.loop_guard())
+                          **self.config.decoding_options())
 
     def run(self) -> dict[str, Any]:
         """Every row, one after another, on this runner's backend."""
