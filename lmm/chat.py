@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{_DECODING.repetition_penalty}; 1 turns it off)")
     d.add_argument("--memory-contrast", type=float, default=_DECODING.memory_contrast, metavar="F",
                    help="while the memory is read (trace_bank), favour what it changes: log-probabilities "
-                        f"(1+F) x with it - F x without it (default {_DECODING.memory_contrast}; 0 turns it off)")
+                        f"(1+F) x with it - F x without it, greedy and sampling (default {_DECODING.memory_contrast}; "
+                        "0 turns it off)")
     d.add_argument("--system-prompt", metavar="TEXT", help="system prompt")
 
     o = p.add_argument_group("output")
