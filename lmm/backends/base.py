@@ -3,8 +3,8 @@
 A backend owns one frozen model, its tokenizer and a session KV cache. It exposes a few
 primitives (a forward pass on a cache, cache views and truncation, the layer hook) and
 this base class builds the rest on them: prompt-prefix reuse, the system prompt's frozen state
-(`frozen_prefix`, which `capture` and `token_logprobs` start from), the decode loop, sampling
-(numpy, seeded, so both backends sample identically, with the repetition guard),
+(`frozen_prefix`, which `capture` and `token_logprobs` start from), the decode loop (its per-token
+steps, from the repetition guard to sampling and the memory contrast, are `lmm.backends.decoding`),
 prefix-conditioned scoring for memory updates, and `BackendView`, the
 `lmm.types.ModelView` a memory module is given. It holds no memory-module logic (that is
 `lmm.memory`, which it never imports) and no UI.
