@@ -121,9 +121,8 @@ def sample_token(logits: np.ndarray, strategy: str, temperature: float, top_p: f
     return int(rng.choice(len(probs), p=probs))
 
 
-
-
 def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p over the vocabulary, in float64 for the sum (float32 out)."""
     z = logits.astype(np.float64) - logits.max()
     return (z - np.log(np.exp(z).sum())).astype(np.float32)
 
