@@ -116,3 +116,30 @@ def test_contrast_acts_only_while_a_memory_is_read(tiny_backend, backend_name: s
     assert read[0] == int(np.argmax(with_read))
     assert contrasted[0] == int(np.argmax(contrast_scores(with_read, without, 2.0, 1e-3)))
     assert contrasted != read
+    # The frozen stream's cache is kept and reused by the next reply: same reply as from a fresh one.
+    assert backend._plain_cache is not None and backend._plain_cache[1][: len(prompt)] == prompt
+    again = _read_reply(backend, on, extra)
+    backend._plain_cache = None
+    assert again == contrasted == _read_reply(backend, on, extra)
+
+
+def test_contrast_stream_is_the_frozen_model(tiny_backend, backend_name: str) -> None:
+    """The plain side of the contrast never runs the memory hook (nor logs its activations): with the
+    contrast on or off, the hook runs once per forward of the reply itself (the prompt, then each
+    generated token); positive control: it is called at all."""
+    from lmm.types import ExtraKV
+
+    backend = tiny_backend(backend_name, "llama")
+    calls = []
+    backend.install_hook(1, lambda h, ctx: calls.append(ctx.phase) or h)
+    try:
+        statement = backend.formatter.standalone_turn("My cat is called Pepper.")
+        cap = backend.capture(statement.ids, kv_layers=[0])
+        extra = ExtraKV(key="s", layers={0: cap.kv[0]}, visible_from=statement.start)
+        _read_reply(backend, DecodingConfig(max_tokens=6, memory_contrast=0.0), extra)
+        off, off_tokens = len(calls), backend.last_stats.generated_tokens
+        _read_reply(backend, DecodingConfig(max_tokens=6, memory_contrast=1.0, contrast_floor=1e-3), extra)
+    finally:
+        backend.remove_hook()
+    assert off == 1 + off_tokens > 1
+    assert len(calls) - off == 1 + backend.last_stats.generated_tokens

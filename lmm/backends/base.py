@@ -134,6 +134,7 @@ class Backend(ABC):
         self.hook_context = RewriteContext(phase="generate", offset=0)
         self._session_cache: Any = None
         self._session_tokens: list[int] = []
+        self._plain_cache: tuple[Any, list[int]] | None = None  # the memory contrast's frozen stream (_PlainStream)
         self.last_stats = GenerationStats()
         self.installed_hook: HookFn | None = None  # set by install_hook, cleared by remove_hook
         self.extra_kv: ExtraKV | None = None  # attention memory read by every forward (set_extra_kv)
@@ -225,14 +226,22 @@ class Backend(ABC):
         """Forwards and generation inside run the plain model: the hook is bypassed and no extra
         keys/values are read. The session cache is dropped on the way in and out (it holds states
         computed with the memory, or would hold states computed without it)."""
-        extra, bypass = self.extra_kv, self._bypass_hook
         self.reset_session()
+        try:
+            with self.plain_model():
+                yield
+        finally:
+            self.reset_session()
+
+    @contextmanager
+    def plain_model(self) -> Iterator[None]:
+        """Forwards inside run the frozen model (hook bypassed, no extra keys/values); caches untouched."""
+        extra, bypass = self.extra_kv, self._bypass_hook
         self.extra_kv, self._bypass_hook = None, True
         try:
             yield
         finally:
             self.extra_kv, self._bypass_hook = extra, bypass
-            self.reset_session()
 
     # --- built on the primitives ---------------------------------------------------
     def forward(self, ids: Sequence[int], cache: Any, phase: Phase, keep: Sequence[int] | None = None) -> Array:
@@ -278,11 +287,17 @@ class Backend(ABC):
         else:
             self.reset_session()
 
+    def _reusable(self, cache: Any, tokens: Sequence[int], ids: Sequence[int]) -> int:
+        """How many leading positions of `cache` (which holds `tokens`) a forward of `ids` can reuse,
+        the cache cut back to them; 0: none (at least one token of `ids` is always left to run)."""
+        k = min(common_prefix_len(tokens, ids), len(ids) - 1)
+        return k if k > 0 and (k == len(tokens) or self.truncate_cache(cache, k)) else 0
+
     def _session_for(self, ids: Sequence[int]) -> tuple[Any, int]:
         """A session cache covering a prefix of `ids`, and how many positions it reuses."""
         if self._session_cache is not None:
-            k = min(common_prefix_len(self._session_tokens, ids), len(ids) - 1)
-            if k > 0 and (k == len(self._session_tokens) or self.truncate_cache(self._session_cache, k)):
+            k = self._reusable(self._session_cache, self._session_tokens, ids)
+            if k:
                 self._session_tokens = list(self._session_tokens[:k])
                 return self._session_cache, k
         self._session_cache, self._session_tokens = self.new_cache(), []
@@ -371,27 +386,34 @@ class Backend(ABC):
 
 
 class _PlainStream:
-    """The same reply decoded without the memory's extra keys/values (the memory contrast's other
-    side): its own cache, filled from the system prompt's frozen state when no hook is installed."""
+    """The same reply decoded by the frozen model, without the memory (the memory contrast's other
+    side), on its own cache. Frozen states never go stale, so that cache is kept on the backend for
+    the next reply to reuse (the chat so far), or started from the system prompt's frozen state."""
 
     def __init__(self, backend: Backend, prompt_ids: Sequence[int]) -> None:
         self.backend = backend
-        prefix = backend.frozen_prefix(prompt_ids) if backend.installed_hook is None else None
-        view = None if prefix is None else backend.cache_view(prefix.cache, len(prefix.ids))
-        done = 0 if view is None else len(prefix.ids)
-        self.cache = backend.new_cache() if view is None else view
+        kept, backend._plain_cache = backend._plain_cache, None
+        done = 0 if kept is None else backend._reusable(kept[0], kept[1], prompt_ids)
+        if done:
+            self.cache = kept[0]
+        else:
+            self.cache, prefix = backend._start(prompt_ids)
+            done = 0 if prefix is None else len(prefix.ids)
         self.scores = self._forward(list(prompt_ids[done:]))
+        # what the cache holds; kept only while it matches (a forward that fails drops it)
+        self.tokens = list(prompt_ids)
+        backend._plain_cache = (self.cache, self.tokens)
 
     def _forward(self, ids: list[int]) -> np.ndarray:
         b = self.backend
-        extra, b.extra_kv = b.extra_kv, None  # not set_extra_kv: that would drop the session cache
-        try:
+        with b.plain_model():
             return b.ops.to_numpy(b.forward(ids, self.cache, "generate", keep=[len(ids) - 1])[-1])
-        finally:
-            b.extra_kv = extra
 
     def step(self, tok: int) -> None:
+        kept, self.backend._plain_cache = self.backend._plain_cache, None
         self.scores = self._forward([tok])
+        self.tokens.append(tok)
+        self.backend._plain_cache = kept
 
 
 class BackendView:

@@ -59,7 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmm.backends.base import Backend, DecodingConfig
+from lmm.backends.base import Backend
+from lmm.backends.decoding import DecodingConfig
 from lmm.bench.engines import check_module_options, compute_threads, load_shared_backend, new_engine
 from lmm.bench.metrics import median
 from lmm.bench.records import (
