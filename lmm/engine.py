@@ -27,7 +27,7 @@ from lmm.events import EventLog
 from lmm.hook import MemoryHook
 from lmm.learning import LEARNERS, UpdateSummary
 from lmm.memory import create_memory, get_memory_spec
-from lmm.memory.base import GradientMemory, MemoryItem, MemoryModule
+from lmm.memory.base import GradientMemory, MemoryItem, MemoryModule, ReadItem
 from lmm.models import artifacts_dir, resolve_model
 from lmm.state import (
     StateFileError,
@@ -95,6 +95,7 @@ class ChatEngine:
         self.created_at = now_iso()
         self.last_update: UpdateSummary | None = None
         self._read_seconds = 0.0  # the module's read before the last reply (part of its time to first token)
+        self._read_items: list[ReadItem] = []  # what it read (TurnResult.read)
         self.history: list[TurnResult] = []  # every turn of this engine, with its update once applied
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmm-update",
                                             initializer=backend.prepare_thread)
@@ -159,7 +160,7 @@ class ChatEngine:
             self._read(msgs)
         else:
             self.backend.remove_hook()
-            self._read_seconds = 0.0
+            self._read_seconds, self._read_items = 0.0, []
         if fresh_cache:
             self.backend.reset_session()
         tokens: list[int] = []
@@ -196,12 +197,13 @@ class ChatEngine:
         start = time.perf_counter()
         self.module.before_reply(messages)
         self._read_seconds = time.perf_counter() - start
+        self._read_items = self.module.last_read()
 
     def _turn_result(self, user_text: str, tokens: list[int]) -> TurnResult:
         stats = self.backend.last_stats
         return TurnResult(user_text, self.backend.formatter.decode(tokens).strip(), stats.generated_tokens,
                           stats.tokens_per_second, stats.time_to_first_token + self._read_seconds,
-                          stats.finish_reason, tokens=list(tokens))
+                          stats.finish_reason, tokens=list(tokens), read=list(self._read_items))
 
     def ask(self, user_text: str) -> TurnResult:
         """Reply to `user_text` and wait for the memory update that follows it."""

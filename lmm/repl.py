@@ -119,6 +119,10 @@ class _StopOnCtrlC:
         signal.signal(signal.SIGINT, self._previous)
 
 
+def _clip(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
 def ce_style(ce: float) -> str:
     """Colour for a token's CE (nats): calm green for expected, red for surprising."""
     if ce < 2:
@@ -398,6 +402,8 @@ class Repl:
     def _turn_stats(self, stopped: bool) -> str:
         turn = self.engine.last_turn
         parts = [f"{turn.generation_tokens} tokens", f"{turn.tokens_per_second:.1f} tok/s"]
+        if turn.read:  # what the memory read, numbered as /memory lists it, so a wrong read can be /forget-ed
+            parts.insert(0, "read " + ", ".join(f'#{r.number} "{_clip(r.text)}"' for r in turn.read))
         try:
             done = self.engine.update_done(UPDATE_WAIT) if turn.update is None else True
         except KeyboardInterrupt:

@@ -193,6 +193,31 @@ def test_dumb_terminal_odd_input_and_ctrl_c_exit(tiny_llama: Path, tmp_path: Pat
     assert left == ["lora_on_user.safetensors.lock"], left
 
 
+def test_the_stats_line_says_what_the_memory_read(tiny_llama: Path, tmp_path: Path) -> None:
+    """trace_bank (tiny-model settings: every sentence stored, routing on the first stage alone): a
+    reply that reads a statement names it by its /memory number; one that reads nothing does not."""
+    fact = "My name is Alice and I live in Paris."
+    opts = [a for kv in ("write_gate=all", "relevance=0", "margin_weight=1000", "threshold=0.99",
+                         "sentence_threshold=0.99", "dtype=float32") for a in ("--mm-opt", kv)]
+    child = spawn(tiny_llama, tmp_path, "--memory", "trace_bank", *opts, "--user", "alice", "--max-tokens", "4")
+    try:
+        prompt(child, "alice")
+        child.sendline(fact)
+        child.expect_exact("stored: " + fact)
+        prompt(child, "alice")
+        command(child, "/memory list", "1 item", fact)
+        child.sendline(fact)
+        child.expect_exact(f'read #1 "{fact}" · ')
+        child.expect_exact("tok/s")
+        prompt(child, "alice")
+        child.sendline("Hello! How are you today?")
+        child.expect(r"\n([^\r\n]*) tokens · [^\r\n]*tok/s")
+        assert "read #" not in child.match.group(1)
+        prompt(child, "alice")
+    finally:
+        child.close()
+
+
 @pytest.mark.parametrize("term", ["xterm-256color", "dumb"])
 def test_a_memory_that_fails_to_load_ends_the_prompt(tiny_llama: Path, tmp_path: Path, term: str) -> None:
     """The model loads behind the prompt; a bad memory file ends it with one line, exit 2, file kept.

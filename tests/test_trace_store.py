@@ -309,3 +309,28 @@ def test_a_file_of_another_storage_is_converted_when_loaded(tiny_backend, tmp_pa
         assert float((keys4 * keys8).sum(axis=1).min()) > 0.95  # same directions, within int4's steps
     finally:
         other.close()
+
+
+def test_each_turn_says_what_the_memory_read_numbered_as_memory_lists_it(tiny_backend) -> None:
+    """TurnResult.read (and `--json`'s "read"): the statements a reply read, by their /memory number;
+    a reply that routes nowhere reads nothing; after /forget the numbers follow the new listing."""
+    from lmm.memory.base import ReadItem
+
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, dedupe=1.0)
+    try:
+        for text in ("I work as a baker in Lyon.", OTHER, FACT):
+            teach(eng, text)
+        eng.reset_chat()
+        turn = eng.ask(FACT)
+        assert turn.read == [ReadItem(3, FACT)] and bank(eng).last_route["traces"] == [FACT]
+        assert turn.to_json()["read"] == [{"item": 3, "text": FACT}]
+        eng.forget_item(1)
+        eng.reset_chat()
+        assert eng.ask(FACT).read == [ReadItem(2, FACT)]
+        eng.reset_chat()
+        unrouted = eng.ask("Hello! How are you today?")
+        assert unrouted.read == [] and not bank(eng).last_route["retrieved"] and unrouted.to_json()["read"] == []
+        assert eng.respond([{"role": "user", "content": FACT}], memory=False).read == []
+    finally:
+        eng.close()

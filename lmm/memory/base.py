@@ -132,6 +132,14 @@ class MemoryItem:
     replaced_by: int | None = None  # the item number (1-based, oldest first) of the newer item that superseded it
 
 
+@dataclass(frozen=True)
+class ReadItem:
+    """A stored item that a reply read: its number as `/memory` lists it (1-based) and its text."""
+
+    number: int
+    text: str
+
+
 @dataclass
 class WriteResult:
     """What a `DirectMemory` write did with one user message."""
@@ -213,6 +221,11 @@ class MemoryModule(ABC):
     def items(self) -> list[MemoryItem]:
         """What the memory holds as separate items, oldest first. A module whose memory lives in
         weights has none to list."""
+        return []
+
+    def last_read(self) -> list[ReadItem]:
+        """The items the last `before_reply` read (so that a user can see, and `/forget`, a wrong
+        one). A module whose memory lives in weights reads no separate items: the default is []."""
         return []
 
     def forget_item(self, index: int) -> str:

@@ -29,7 +29,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from lmm.memory.base import DirectMemory, MemoryConfig, MemoryItem, RewriteContext, StateError, WriteResult
+from lmm.memory.base import (
+    DirectMemory,
+    MemoryConfig,
+    MemoryItem,
+    ReadItem,
+    RewriteContext,
+    StateError,
+    WriteResult,
+)
 from lmm.memory.registry import register
 from lmm.memory.trace_gate import is_question, sentences
 from lmm.memory.trace_routing import TraceRouting
@@ -142,6 +150,7 @@ class TraceBank(TraceRouting, DirectMemory):
         self._sentences: np.ndarray | None = None  # normalised centred trace sentence states (spare rows)
         self._sentence_rows = 0  # rows of _sentences filled, for traces[:_sentence_rows]
         self.last_route: dict[str, Any] | None = None
+        self._read: list[tuple[int, str]] = []  # (written, text) of the traces the last reply read
 
     def _empty_store(self) -> TraceStore:
         return TraceStore(self.hidden_size, storage_dtype(self.cfg.dtype), quantized=self.cfg.dtype in ("int4", "int8"))
@@ -282,6 +291,16 @@ class TraceBank(TraceRouting, DirectMemory):
         return [MemoryItem(self._text(t), None if t.said_at != t.said_at else t.said_at, t.used,
                            replaced_by=number.get(t.replaced_by)) for t in ordered]
 
+    def last_read(self) -> list[ReadItem]:
+        # numbered as `items()` numbers them (oldest first), now: a later /forget renumbers
+        written = np.sort(self.traces.written)
+        out = []
+        for w, text in self._read:
+            pos = int(np.searchsorted(written, w))
+            if pos < len(written) and written[pos] == w:
+                out.append(ReadItem(pos + 1, text))
+        return out
+
     def forget_item(self, index: int) -> str:
         ordered = np.argsort(self.traces.written, kind="stable")
         if not 0 <= index < len(ordered):
@@ -303,6 +322,7 @@ class TraceBank(TraceRouting, DirectMemory):
         if self.model is None:
             return
         if not self.traces:
+            self._read = []
             self.model.read(None)
             return
         users = [m["content"] for m in messages if m["role"] == "user"]
@@ -312,6 +332,7 @@ class TraceBank(TraceRouting, DirectMemory):
         chosen, relevance = self.route(text) if text else ([], {})
         self.last_route = {"query": text, "retrieved": bool(chosen), "relevance": relevance,
                            "traces": [self._text(self.traces[i]) for i in chosen]}
+        self._read = [(int(self.traces.written[i]), self._text(self.traces[i])) for i in chosen]
         if not chosen:
             self._model.read(None)
             return
