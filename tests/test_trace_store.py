@@ -334,3 +334,25 @@ def test_each_turn_says_what_the_memory_read_numbered_as_memory_lists_it(tiny_ba
         assert eng.respond([{"role": "user", "content": FACT}], memory=False).read == []
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("neighbours", [1, 0])
+def test_a_read_statement_brings_its_neighbours_from_the_same_message(tiny_backend, neighbours: int) -> None:
+    """A long turn is stored sentence by sentence; reading one reads those next to it from the same
+    message (`read_neighbours` each side, within `read_budget`), not those of other messages.
+    read_neighbours=0 is the control: the routed statement alone."""
+    first, third = "I made a tart for the party.", "Everyone asked me for the recipe."
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99, read_neighbours=neighbours)
+    try:
+        teach(eng, OTHER)
+        teach(eng, f"{first} {FACT} {third}")
+        teach(eng, "I work as a baker in Lyon.")
+        reply(eng, FACT)
+        assert bank(eng).last_route["traces"] == ([first, FACT, third] if neighbours else [FACT])
+        at = [bank(eng)._text(t) for t in bank(eng).traces].index(FACT)
+        bank(eng).cfg.read_budget = int(bank(eng).traces.token_counts[at])  # room for the routed one only
+        reply(eng, FACT)
+        assert bank(eng).last_route["traces"] == [FACT]
+    finally:
+        eng.close()

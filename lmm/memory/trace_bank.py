@@ -8,12 +8,13 @@ routing keys (content-token states entering `routing_layer`, the turn's mean sta
 `sentence_layer`). A restatement replaces its twin; a correction is decided when a reply would
 read both statements, where the message says what they are about. Read (`before_reply`): the
 last user message, whatever its wording, is routed in two stages (`lmm.memory.trace_routing`);
-the few traces it reads, within a token budget, are rendered as one user turn (the user's role kept),
-placed by RoPE right before the chat's first turn, where an earlier exchange would sit, and
-handed to the model as extra keys/values of every layer from `start_layer`, each token
-`read_gain` times. With none read (something never told), replies are the plain model's, bit for
-bit. Nothing is forgotten by accident: past `max_traces` (100,000) or the disk
-budget `max_bytes`, the least recently read traces go, and the write says which.
+the few traces it reads, and those stored next to them from the same message, within a token
+budget, are rendered as one user turn (the user's role kept), placed by RoPE right before the
+chat's first turn, where an earlier exchange would sit, and handed to the model as extra
+keys/values of every layer from `start_layer`, each token `read_gain` times. With none read
+(something never told), replies are the plain model's, bit for bit. Nothing is forgotten by
+accident: past `max_traces` (100,000) or the disk budget `max_bytes`, the least recently read
+traces go, and the write says which.
 
 It does not own the routing arithmetic or the state packing (`lmm.memory.traces`), the write gate's
 probe (`lmm.memory.trace_gate`), nor how the model reads extra keys/values (the backends). How the
@@ -76,6 +77,7 @@ class TraceBankConfig(MemoryConfig):
     max_read: int = 3  # traces read for one reply at most
     read_budget: int = 96  # statement tokens read for one reply at most
     read_spread: float = 1.0  # a further trace is read when its relevance is within this of the best's
+    read_neighbours: int = 1  # a read statement brings this many stored from the same message on each side
     read_gain: int = 3  # each read token is read this many times: its attention weight times read_gain
     read_role: bool = True  # read the whole user turn placed before the chat (False: the words, at its start)
     write_gate: str = "model"  # model: sentences the probe says inform; all: every sentence but questions
@@ -108,8 +110,8 @@ class TraceBankConfig(MemoryConfig):
         for name in ("start_layer", "routing_layer", "sentence_layer"):
             if getattr(self, name) < -1:
                 raise ValueError(f"{name} must be >= 0 (or -1 for its default), got {getattr(self, name)}")
-        for name, low in (("max_query_sentences", 0), ("shortlist", 1), ("candidates", 1), ("max_read", 1),
-                          ("read_budget", 1), ("read_gain", 1), ("max_traces", 1), ("max_bytes", 1),
+        for name, low in (("max_query_sentences", 0), ("read_neighbours", 0), ("shortlist", 1), ("candidates", 1),
+                          ("max_read", 1), ("read_budget", 1), ("read_gain", 1), ("max_traces", 1), ("max_bytes", 1),
                           ("max_trace_tokens", 4)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")

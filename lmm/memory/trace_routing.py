@@ -11,7 +11,8 @@ frozen model's own judgement, the mean gain in log-probability of the message's 
 statement precedes them (pointwise mutual information), plus `margin_weight` times the first-stage
 margin; a trace past `relevance` is read (with `cover_surprisal` set, only if it leaves no token of
 the message unexplained: still surprising after it and made little likelier by it), and of two read
-statements about the message's subject, only the newer (a correction). A mixin of `TraceBank`,
+statements about the message's subject, only the newer (a correction); a read statement brings the
+statements stored next to it from the same message (`read_neighbours`). A mixin of `TraceBank`,
 which owns the store, writing and reading; it holds no state of its own beyond caches.
 """
 
@@ -208,7 +209,8 @@ class TraceRouting:
         `check_margin`) checked by the frozen model (`relevance`, plus `margin_weight` times the margin,
         and, when `cover_surprisal` is set, no message token left unexplained past it); read: the most
         relevant past the `relevance` threshold, and the next within `read_spread` of it, at most
-        `max_read` and `read_budget` tokens."""
+        `max_read` and `read_budget` tokens, with their neighbours from the same message in what the
+        budget leaves."""
         if not text or not self.traces:
             return [], {}
         margin = self.margins(text)
@@ -227,8 +229,36 @@ class TraceRouting:
                 break
             chosen.append(i)
             budget -= n
+        chosen = self._with_neighbours(chosen, budget)
         return (sorted(chosen, key=lambda i: int(self.traces.written[i])),
                 {self._text(self.traces[i]): round(gains[i], 3) for i in first})
+
+    def _with_neighbours(self, chosen: list[int], budget: int) -> list[int]:
+        """`chosen` and, for each, the current statements stored from the same message (same `said_at`)
+        up to `read_neighbours` on each side, nearest first, while `budget` tokens last. A sentence of a
+        long turn often needs the one next to it ("It has an almond flour crust, ..." after "I made a
+        chocolate raspberry tart."); docs/trace_bank.md, "Neighbours"."""
+        k = self.cfg.read_neighbours
+        if not k or not chosen:
+            return chosen
+        said, written, current = self.traces.said_at, self.traces.written, self.traces.current
+        out = list(chosen)
+        for i in chosen:
+            if np.isnan(said[i]):  # files older than `said_at`: the message is not known
+                continue
+            same = np.flatnonzero((said == said[i]) & current)
+            same = same[np.argsort(written[same], kind="stable")]
+            at = int(np.flatnonzero(same == i)[0]) if i in same else -1
+            if at < 0:
+                continue
+            for d in range(1, k + 1):
+                for p in (at - d, at + d):
+                    if 0 <= p < len(same) and int(same[p]) not in out:
+                        n = int(self.traces.token_counts[same[p]])
+                        if n <= budget:
+                            out.append(int(same[p]))
+                            budget -= n
+        return out
 
     def _corrected(self, order: list[int], gains: dict[int, float]) -> list[int]:
         """`order` without the statements a newer one in it corrects: said in another message, as
