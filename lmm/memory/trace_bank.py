@@ -8,10 +8,10 @@ routing keys (content-token states entering `routing_layer`, the turn's mean sta
 `sentence_layer`). A restatement replaces its twin; a correction is decided when a reply would
 read both statements, where the message says what they are about. Read (`before_reply`): the
 last user message, whatever its wording, is routed in two stages (`lmm.memory.trace_routing`);
-the few traces it reads, and those stored next to them from the same message, within a token
-budget, are rendered as one user turn (the user's role kept), placed by RoPE right before the
-chat's first turn, where an earlier exchange would sit, and handed to the model as extra
-keys/values of every layer from `start_layer`, each token `read_gain` times. With none read
+the few traces it reads (with `read_neighbours`, also those stored next to them from the same
+message), within a token budget, are rendered as one user turn (the user's role kept), placed by
+RoPE right before the chat's first turn, where an earlier exchange would sit, and handed to the
+model as extra keys/values of every layer from `start_layer`, each token `read_gain` times. With none read
 (something never told), replies are the plain model's, bit for bit. Nothing is forgotten by
 accident: past `max_traces` (100,000) or the disk budget `max_bytes`, the least recently read
 traces go, and the write says which.
@@ -77,7 +77,7 @@ class TraceBankConfig(MemoryConfig):
     max_read: int = 3  # traces read for one reply at most
     read_budget: int = 96  # statement tokens read for one reply at most
     read_spread: float = 1.0  # a further trace is read when its relevance is within this of the best's
-    read_neighbours: int = 1  # a read statement brings this many stored from the same message on each side
+    read_neighbours: int = 0  # > 0: a read statement brings this many stored from its message on each side
     read_gain: int = 3  # each read token is read this many times: its attention weight times read_gain
     read_role: bool = True  # read the whole user turn placed before the chat (False: the words, at its start)
     write_gate: str = "model"  # model: sentences the probe says inform; all: every sentence but questions

@@ -11,8 +11,8 @@ frozen model's own judgement, the mean gain in log-probability of the message's 
 statement precedes them (pointwise mutual information), plus `margin_weight` times the first-stage
 margin; a trace past `relevance` is read (with `cover_surprisal` set, only if it leaves no token of
 the message unexplained: still surprising after it and made little likelier by it), and of two read
-statements about the message's subject, only the newer (a correction); a read statement brings the
-statements stored next to it from the same message (`read_neighbours`). A mixin of `TraceBank`,
+statements about the message's subject, only the newer (a correction); with `read_neighbours` set, a
+read statement brings the statements stored next to it from the same message. A mixin of `TraceBank`,
 which owns the store, writing and reading; it holds no state of its own beyond caches.
 """
 
