@@ -11,9 +11,9 @@ last user message, whatever its wording, is routed in two stages (`lmm.memory.tr
 the few traces it reads (with `read_neighbours`, also those stored next to them from the same
 message), within a token budget, are rendered as one user turn (the user's role kept), placed by
 RoPE right before the chat's first turn, where an earlier exchange would sit, and handed to the
-model as extra keys/values of every layer from `start_layer`, each token `read_gain` times. With none read
-(something never told), replies are the plain model's, bit for bit. Nothing is forgotten by
-accident: past `max_traces` (100,000) or the disk budget `max_bytes`, the least recently read
+model as extra keys/values of every layer from `start_layer`, each token `read_gain` times. With
+none read (something never told), replies are the plain model's, bit for bit. Nothing is forgotten
+by accident: past `max_traces` (100,000) or the disk budget `max_bytes`, the least recently read
 traces go, and the write says which.
 
 It does not own the routing arithmetic or the state packing (`lmm.memory.traces`), the write gate's
@@ -332,9 +332,9 @@ class TraceBank(TraceRouting, DirectMemory):
 
     def _select(self, text: str | None, count_use: bool = False) -> None:
         chosen, relevance = self.route(text) if text else ([], {})
-        self.last_route = {"query": text, "retrieved": bool(chosen), "relevance": relevance,
-                           "traces": [self._text(self.traces[i]) for i in chosen]}
-        self._read = [(int(self.traces.written[i]), self._text(self.traces[i])) for i in chosen]
+        texts = [self._text(self.traces[i]) for i in chosen]
+        self.last_route = {"query": text, "retrieved": bool(chosen), "relevance": relevance, "traces": texts}
+        self._read = [(int(self.traces.written[i]), t) for i, t in zip(chosen, texts, strict=True)]
         if not chosen:
             self._model.read(None)
             return

@@ -248,9 +248,10 @@ class TraceRouting:
                 continue
             same = np.flatnonzero((said == said[i]) & current)
             same = same[np.argsort(written[same], kind="stable")]
-            at = int(np.flatnonzero(same == i)[0]) if i in same else -1
-            if at < 0:
+            hits = np.flatnonzero(same == i)
+            if not len(hits):
                 continue
+            at = int(hits[0])
             for d in range(1, k + 1):
                 for p in (at - d, at + d):
                     if 0 <= p < len(same) and int(same[p]) not in out:
