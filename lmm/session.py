@@ -26,6 +26,10 @@ from lmm.state import StateFileError, recovery_path
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def _updates(n: int) -> str:
+    return f"{n} update{'' if n == 1 else 's'}"
+
+
 def validate_user(name: str) -> str:
     """Return the name if it is safe as a folder name, else raise ValueError saying why."""
     if not name or "/" in name or "\\" in name or ".." in name or not _USER_RE.match(name):
@@ -82,7 +86,7 @@ class ChatSession:
                 self.notice(f"no saved memory at {self.load_path}{who}; starting fresh")
             else:
                 self.engine.load_memory(self.load_path)
-                self.notice(f"loaded memory from {self.load_path} ({self.engine.module.update_count} updates)")
+                self.notice(f"loaded memory from {self.load_path} ({_updates(self.engine.module.update_count)})")
         except BaseException:
             self.close()
             raise
@@ -98,7 +102,7 @@ class ChatSession:
         except StateFileError as exc:
             raise StateFileError(f"{exc} (an unsaved session's autosave: remove it to start from "
                                  f"{self.save_path})") from None
-        self.notice(f"recovered an unsaved session from {recovery} ({self.engine.module.update_count} updates); "
+        self.notice(f"recovered an unsaved session from {recovery} ({_updates(self.engine.module.update_count)}); "
                     f"it is written to {self.save_path} at the next save")
 
     def set_incognito(self, on: bool) -> None:

@@ -41,7 +41,7 @@ def test_plain_replies_exit_word_and_legacy_path(tiny_models, tmp_path: Path) ->
     assert read_state(state)[0].update_count == 1
     # the next run loads what the first saved
     proc = run_chat([*base_args(tiny_models), "--memory", "lora_on_user", "--mm-path", str(state)], b"", tmp_path)
-    assert proc.returncode == 0 and "loaded memory" in proc.stderr.decode()
+    assert proc.returncode == 0 and f"loaded memory from {state} (1 update)" in proc.stderr.decode()
 
 
 def test_default_save_path_is_timestamped(tiny_models, tmp_path: Path) -> None:
