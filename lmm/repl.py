@@ -35,7 +35,7 @@ from rich.text import Text
 
 from lmm.commands import COMMANDS, CommandResult, TokenLoss, complete, is_command, run_command
 from lmm.learning import UpdateSummary
-from lmm.repl_text import WordWrap, block_open, clean, unwrap_block
+from lmm.repl_text import WordWrap, block_open, clean, clip, unwrap_block
 from lmm.session import ChatSession, SessionOpening
 
 if TYPE_CHECKING:
@@ -117,10 +117,6 @@ class _StopOnCtrlC:
 
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGINT, self._previous)
-
-
-def _clip(text: str, width: int = 48) -> str:
-    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
 def ce_style(ce: float) -> str:
@@ -403,7 +399,7 @@ class Repl:
         turn = self.engine.last_turn
         parts = [f"{turn.generation_tokens} tokens", f"{turn.tokens_per_second:.1f} tok/s"]
         if turn.read:  # what the memory read, numbered as /memory lists it, so a wrong read can be /forget-ed
-            parts.insert(0, "read " + ", ".join(f'#{r.number} "{_clip(r.text)}"' for r in turn.read))
+            parts.insert(0, "read " + ", ".join(f'#{r.number} "{clip(r.text)}"' for r in turn.read))
         try:
             done = self.engine.update_done(UPDATE_WAIT) if turn.update is None else True
         except KeyboardInterrupt:

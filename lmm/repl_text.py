@@ -1,7 +1,8 @@
 """Text helpers of the REPL that need no terminal: input blocks, control characters, word wrap.
 
 Owns how a `\"\"\"` block is recognised and unwrapped, how untrusted model output is made safe to
-print (control characters shown as symbols), and wrapping streamed text at word boundaries.
+print (control characters shown as symbols), wrapping streamed text at word boundaries, and
+clipping a statement quoted on the stats line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ _CONTROL.update({0x7F: 0x2421, **{c: 0xFFFD for c in range(0x80, 0xA0)}})
 
 def clean(text: str) -> str:
     return text.translate(_CONTROL)
+
+
+def clip(text: str, width: int = 48) -> str:
+    """`text` cut to `width` characters, an ellipsis marking the cut."""
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
 def block_open(text: str) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lmm.repl_text import WordWrap, block_open, clean, unwrap_block
+from lmm.repl_text import WordWrap, block_open, clean, clip, unwrap_block
 from lmm.testing import tiny_model_dir
 
 pexpect = pytest.importorskip("pexpect")
@@ -254,6 +254,11 @@ def test_unwrap_block_and_clean() -> None:
     assert unwrap_block('"""\nline 1\nline 2\n"""') == "line 1\nline 2"
     assert unwrap_block('"""hi"""') == "hi" and unwrap_block('  plain  ') == "plain" and unwrap_block('""""""') == ""
     assert clean("a\x1b[31mb\tc\nd\x07\x9b") == "a\u241b[31mb\tc\nd\u2407\ufffd"
+
+
+def test_clip_marks_a_cut() -> None:
+    assert clip("short") == "short" and clip("x" * 48) == "x" * 48
+    assert clip("word " * 20) == ("word " * 20)[:47].rstrip() + "…" and len(clip("y" * 60)) == 48
 
 
 def test_word_wrap_streams_whole_words() -> None:

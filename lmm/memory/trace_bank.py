@@ -294,14 +294,9 @@ class TraceBank(TraceRouting, DirectMemory):
                            replaced_by=number.get(t.replaced_by)) for t in ordered]
 
     def last_read(self) -> list[ReadItem]:
-        # numbered as `items()` numbers them (oldest first), now: a later /forget renumbers
-        written = np.sort(self.traces.written)
-        out = []
-        for w, text in self._read:
-            pos = int(np.searchsorted(written, w))
-            if pos < len(written) and written[pos] == w:
-                out.append(ReadItem(pos + 1, text))
-        return out
+        # numbered as `items()` numbers them (oldest first), now: a later /forget renumbers; no sort per reply
+        written = self.traces.written
+        return [ReadItem(int((written < w).sum()) + 1, text) for w, text in self._read if (written == w).any()]
 
     def forget_item(self, index: int) -> str:
         ordered = np.argsort(self.traces.written, kind="stable")
