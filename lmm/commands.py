@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmm.models import artifacts_dir
-from lmm.session import ChatSession, validate_user
+from lmm.session import ChatSession, plural, validate_user
 
 TokenLoss = tuple[str, float, bool]  # (token text, CE in nats, learned)
 
@@ -142,7 +142,7 @@ def _load(session: ChatSession, args: str) -> CommandResult:
     if not args:
         return _usage("load")
     session.load(_path(args))
-    return CommandResult(f"memory loaded from {args} ({_plural(session.engine.module.update_count, 'update')})")
+    return CommandResult(f"memory loaded from {args} ({plural(session.engine.module.update_count, 'update')})")
 
 
 @command("reset", "/reset", "clear the chat history; the memory keeps what it learned")
@@ -159,7 +159,7 @@ def _forget(session: ChatSession, args: str) -> CommandResult:
         return CommandResult(f"forgot item {args}: {text}")
     if args.lower() != "yes":
         who = f" of user {session.user}" if session.user else ""
-        count = _plural(session.engine.module.update_count, "update")
+        count = plural(session.engine.module.update_count, "update")
         return CommandResult(
             f"/forget erases everything the memory{who} learned ({count}). "
             "Confirm with: /forget yes",
@@ -181,7 +181,7 @@ def _memory(session: ChatSession, args: str) -> CommandResult:
         if not rest.strip():
             return _usage("memory")
         path = session.engine.export_memory(_path(rest.strip()))
-        return CommandResult(f"memory exported to {path} ({_plural(len(session.engine.memory_items()), 'item')})")
+        return CommandResult(f"memory exported to {path} ({plural(len(session.engine.memory_items()), 'item')})")
     if action:
         return _usage("memory")
     engine = session.engine
@@ -230,11 +230,7 @@ def _memory_list(session: ChatSession) -> CommandResult:
         when = datetime.fromtimestamp(item.said_at).strftime("%Y-%m-%d %H:%M") if item.said_at else "(date unknown)"
         replaced = f"  (replaced by {item.replaced_by})" if item.replaced_by else ""
         lines.append(f"{i:>4}  {when}  {item.text}{replaced}")
-    return CommandResult(f"{_plural(len(items), 'item')}, oldest first:\n" + "\n".join(lines))
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    return CommandResult(f"{plural(len(items), 'item')}, oldest first:\n" + "\n".join(lines))
 
 
 def _num(value: object) -> str:
@@ -300,7 +296,7 @@ def _consolidate(session: ChatSession, args: str) -> CommandResult:
     if not engine.consolidating:
         return CommandResult(f"{engine.module.name} is not a gradient module: it has nothing to consolidate into",
                              error=True)
-    return CommandResult(f"consolidation on: {_plural(queued, 'earlier message')} consolidating in the background, "
+    return CommandResult(f"consolidation on: {plural(queued, 'earlier message')} consolidating in the background, "
                          "each new statement after its reply")
 
 
@@ -317,7 +313,7 @@ def _user(session: ChatSession, args: str) -> CommandResult:
     if saved is not None:
         parts.append(f"saved {previous or 'the memory'} to {saved}")
     count = session.engine.module.update_count
-    state = f"loaded {_plural(count, 'update')}" if session.load_path and session.load_path.exists() else "fresh memory"
+    state = f"loaded {plural(count, 'update')}" if session.load_path and session.load_path.exists() else "fresh memory"
     parts.append(f"now user {name} ({state})")
     return CommandResult("; ".join(parts))
 

@@ -26,8 +26,9 @@ from lmm.state import StateFileError, recovery_path
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def _updates(n: int) -> str:
-    return f"{n} update{'' if n == 1 else 's'}"
+def plural(n: int, word: str) -> str:
+    """"1 update", "2 updates": the count and the word, plural unless one."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def validate_user(name: str) -> str:
@@ -86,7 +87,8 @@ class ChatSession:
                 self.notice(f"no saved memory at {self.load_path}{who}; starting fresh")
             else:
                 self.engine.load_memory(self.load_path)
-                self.notice(f"loaded memory from {self.load_path} ({_updates(self.engine.module.update_count)})")
+                updates = plural(self.engine.module.update_count, "update")
+                self.notice(f"loaded memory from {self.load_path} ({updates})")
         except BaseException:
             self.close()
             raise
@@ -102,7 +104,8 @@ class ChatSession:
         except StateFileError as exc:
             raise StateFileError(f"{exc} (an unsaved session's autosave: remove it to start from "
                                  f"{self.save_path})") from None
-        self.notice(f"recovered an unsaved session from {recovery} ({_updates(self.engine.module.update_count)}); "
+        updates = plural(self.engine.module.update_count, "update")
+        self.notice(f"recovered an unsaved session from {recovery} ({updates}); "
                     f"it is written to {self.save_path} at the next save")
 
     def set_incognito(self, on: bool) -> None:
