@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trace_bank_helpers import BACKENDS, FACT, OTHER, bank, engine, reply, teach
+from trace_bank_helpers import BACKENDS, FACT, OTHER, UNRELATED, bank, engine, reply, teach
 
 from lmm.backends import DecodingConfig
 from lmm.engine import ChatEngine, EngineConfig
@@ -354,5 +354,28 @@ def test_a_read_statement_brings_its_neighbours_from_the_same_message(tiny_backe
         bank(eng).cfg.read_budget = int(bank(eng).traces.token_counts[at])  # room for the routed one only
         reply(eng, FACT)
         assert bank(eng).last_route["traces"] == [FACT]
+    finally:
+        eng.close()
+
+
+def test_a_statement_still_in_the_chat_is_not_read_again(tiny_backend) -> None:
+    """A reply does not read a statement the prompt holds already (said earlier in this chat): read
+    twice, it made the model repeat the reply it gave then. Control: the same message in a fresh chat
+    reads it, and so does the chat once the message has left the context window."""
+    be = tiny_backend("torch")
+    eng = engine(be, threshold=0.99, sentence_threshold=0.99)
+    try:
+        teach(eng, OTHER)
+        teach(eng, FACT)
+        eng.learning = False
+        eng.reset_chat()
+        assert [i.text for i in eng.ask(FACT).read] == [FACT]  # control: fresh chat, FACT not in the prompt
+        assert eng.ask(FACT).read == []  # the previous message holds it
+        eng.reset_chat()
+        eng.ask(f"Hi!  {FACT.upper()}  Nice to meet you.")  # inside a longer message, other case and spacing
+        assert eng.ask(FACT).read == []
+        eng.ask(UNRELATED)
+        eng.messages[:] = eng.messages[-2:]  # what the window keeps once the older exchanges are dropped
+        assert [i.text for i in eng.ask(FACT).read] == [FACT]
     finally:
         eng.close()

@@ -323,10 +323,11 @@ class TraceBank(TraceRouting, DirectMemory):
             self.model.read(None)
             return
         users = [m["content"] for m in messages if m["role"] == "user"]
-        self._select(users[-1].strip() if users else None, count_use=True)
+        # The earlier messages in the prompt: what they said is there already, with the reply to it.
+        self._select(users[-1].strip() if users else None, count_use=True, context=users[:-1])
 
-    def _select(self, text: str | None, count_use: bool = False) -> None:
-        chosen, relevance = self.route(text) if text else ([], {})
+    def _select(self, text: str | None, count_use: bool = False, context: Sequence[str] = ()) -> None:
+        chosen, relevance = self.route(text, context) if text else ([], {})
         texts = [self._text(self.traces[i]) for i in chosen]
         self.last_route = {"query": text, "retrieved": bool(chosen), "relevance": relevance, "traces": texts}
         self._read = [(int(self.traces.written[i]), t) for i, t in zip(chosen, texts, strict=True)]

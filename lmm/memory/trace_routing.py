@@ -28,7 +28,7 @@ from lmm.ops import Array, Ops
 from lmm.types import Captured, ModelView
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from lmm.memory.trace_store import TraceStore
 
@@ -199,23 +199,29 @@ class TraceRouting:
         return np.maximum(tokens - self.cfg.threshold, whole - self.cfg.sentence_threshold)
 
     # --- second stage ---------------------------------------------------------------------------------
-    def select(self, text: str) -> list[int]:
+    def select(self, text: str, context: Sequence[str] = ()) -> list[int]:
         """Indices of the traces a reply to `text` reads, oldest first (see `route`)."""
-        return self.route(text)[0]
+        return self.route(text, context)[0]
 
-    def route(self, text: str) -> tuple[list[int], dict[str, float]]:
+    def route(self, text: str, context: Sequence[str] = ()) -> tuple[list[int], dict[str, float]]:
         """The traces a reply to `text` reads, oldest first, and each candidate's relevance. First stage:
         every current trace ranked by its routing margin; second stage: the best `candidates` (those past
         `check_margin`) checked by the frozen model (`relevance`, plus `margin_weight` times the margin,
         and, when `cover_surprisal` is set, no message token left unexplained past it); read: the most
         relevant past the `relevance` threshold, and the next within `read_spread` of it, at most
         `max_read` and `read_budget` tokens, with their neighbours from the same message in what the
-        budget leaves."""
+        budget leaves. A statement found in `context` (the user's earlier messages the prompt holds) is
+        not a candidate: read a second time, it makes the model repeat the reply it gave to it."""
         if not text or not self.traces:
             return [], {}
         margin = self.margins(text)
-        first = [int(i) for i in np.argsort(-margin, kind="stable")[: self.cfg.candidates]
-                 if np.isfinite(margin[i]) and margin[i] >= self.cfg.check_margin]
+        in_context = _Context(context, self)
+        first: list[int] = []
+        for i in np.argsort(-margin, kind="stable"):
+            if len(first) == self.cfg.candidates or not margin[i] >= self.cfg.check_margin:  # -inf: stale
+                break
+            if not in_context(int(i)):
+                first.append(int(i))
         support = dict(zip(first, self.relevance([self.traces[i] for i in first], text), strict=True))
         gains = {i: support[i].gain + self.cfg.margin_weight * float(margin[i]) for i in first}
         relevant = sorted((i for i in first if gains[i] >= self.cfg.relevance
@@ -229,11 +235,12 @@ class TraceRouting:
                 break
             chosen.append(i)
             budget -= n
-        chosen = self._with_neighbours(chosen, budget)
+        chosen = self._with_neighbours(chosen, budget, in_context)
         return (sorted(chosen, key=lambda i: int(self.traces.written[i])),
                 {self._text(self.traces[i]): round(gains[i], 3) for i in first})
 
-    def _with_neighbours(self, chosen: list[int], budget: int) -> list[int]:
+    def _with_neighbours(self, chosen: list[int], budget: int,
+                         skip: Callable[[int], bool] = lambda i: False) -> list[int]:
         """`chosen` and, for each, the current statements stored from the same message (same `said_at`)
         up to `read_neighbours` on each side, nearest first, while `budget` tokens last. A sentence of a
         long turn often needs the one next to it ("It has an almond flour crust, ..." after "I made a
@@ -254,7 +261,7 @@ class TraceRouting:
             at = int(hits[0])
             for d in range(1, k + 1):
                 for p in (at - d, at + d):
-                    if 0 <= p < len(same) and int(same[p]) not in out:
+                    if 0 <= p < len(same) and int(same[p]) not in out and not skip(int(same[p])):
                         n = int(self.traces.token_counts[same[p]])
                         if n <= budget:
                             out.append(int(same[p]))
@@ -340,3 +347,22 @@ class TraceRouting:
             left = [float(surprisal[t]) for t in range(a + 1, b) if gain[t] < self.cfg.cover_gain]
             worst.append(max(left, default=0.0))
         return min(worst)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+class _Context:
+    """Whether a trace's statement is in the prompt already: its text inside one of the user's messages
+    there (decoded only for the traces asked about, the few best of the first stage)."""
+
+    def __init__(self, messages: Sequence[str], routing: TraceRouting) -> None:
+        self.messages = [_squash(m) for m in messages if m.strip()]
+        self.routing = routing
+
+    def __call__(self, i: int) -> bool:
+        if not self.messages:
+            return False
+        text = _squash(self.routing._text(self.routing.traces[i]))
+        return bool(text) and any(text in m for m in self.messages)
