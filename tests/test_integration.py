@@ -116,3 +116,24 @@ def test_trace_bank_decides_with_the_model(embedded) -> None:
     finally:
         eng.close()
     backend.close()
+
+
+def test_a_chat_of_statements_through_the_cli_does_not_echo_its_first_reply(embedded, tmp_path: Path) -> None:
+    """Piped into `python -m lmm.chat` as a user would, statements one after another: each reply reads
+    nothing the chat still holds (reading the first statement again made every later reply a copy of
+    the first). Control: a new process, the chat gone, reads the statement for its question."""
+    from lmm.testing import run_chat
+
+    state = tmp_path / "m.safetensors"
+    args = ["--model", str(Path(embedded.path).resolve()), "--memory", "trace_bank", "--json", "--mm-path", str(state),
+            "--max-tokens", "24"]
+    statements = ["Hi, I am Tomasz and I teach maths at a school in Gdansk.", "My wife Ola is a dentist.",
+                  "Our son Kuba is nine."]
+    first = run_chat(args, "".join(s + "\n" for s in statements).encode(), tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr.decode()[-2000:]
+    turns = [json.loads(line) for line in first.stdout.decode().splitlines()]
+    assert [t["read"] for t in turns] == [[], [], []]
+    assert len({t["assistant"] for t in turns}) == 3
+    second = run_chat(args, b"How old is my son?\n", tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    assert "Our son Kuba is nine." in [r["text"] for r in json.loads(second.stdout.decode())["read"]]
