@@ -323,8 +323,12 @@ class TraceBank(TraceRouting, DirectMemory):
             self.model.read(None)
             return
         users = [m["content"] for m in messages if m["role"] == "user"]
-        # The earlier messages in the prompt: what they said is there already, with the reply to it.
-        self._select(users[-1].strip() if users else None, count_use=True, context=users[:-1])
+        text = users[-1].strip() if users else ""
+        # A message that asks nothing does not read what the chat's earlier messages said (it is there
+        # with the reply to it, which the model then repeats); a question may: the 135M model answers
+        # one from a read statement more often than from the chat (docs/trace_bank.md).
+        asks = any(is_question(part) for part in sentences(text))
+        self._select(text or None, count_use=True, context=() if asks else users[:-1])
 
     def _select(self, text: str | None, count_use: bool = False, context: Sequence[str] = ()) -> None:
         chosen, relevance = self.route(text, context) if text else ([], {})

@@ -210,8 +210,8 @@ class TraceRouting:
         and, when `cover_surprisal` is set, no message token left unexplained past it); read: the most
         relevant past the `relevance` threshold, and the next within `read_spread` of it, at most
         `max_read` and `read_budget` tokens, with their neighbours from the same message in what the
-        budget leaves. A statement found in `context` (the user's earlier messages the prompt holds) is
-        not a candidate: read a second time, it makes the model repeat the reply it gave to it."""
+        budget leaves. A statement found in `context` (`TraceBank` passes the user's earlier messages in
+        the prompt when the message asks nothing) is not a candidate."""
         if not text or not self.traces:
             return [], {}
         margin = self.margins(text)
