@@ -46,6 +46,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
+ALIASES = {"quit": "exit"}  # what people type out of habit (the REPL also takes bare `exit` and `quit`)
 SET_KEYS = ("temperature", "top_p", "max_tokens", "memory_contrast", "system")
 LEARNED_SHOWN = 10  # /memory lists the most surprising learned tokens of the last message
 
@@ -72,7 +73,7 @@ def split_command(line: str) -> tuple[str, str]:
 def run_command(session: ChatSession, line: str) -> CommandResult:
     """Run one slash command. Never raises for a bad command, argument, path or file."""
     name, args = split_command(line)
-    entry = COMMANDS.get(name)
+    entry = COMMANDS.get(ALIASES.get(name, name))
     if entry is None:
         if not name:
             return CommandResult("type /help for the list of commands", error=True)
@@ -378,7 +379,7 @@ def _stats(session: ChatSession, args: str) -> CommandResult:
     return _report(rows)
 
 
-@command("exit", "/exit", "save the memory and leave (Ctrl+D too; Ctrl+C at an empty prompt leaves unsaved)")
+@command("exit", "/exit", "save the memory and leave (/quit and Ctrl+D too; Ctrl+C at an empty prompt leaves unsaved)")
 def _exit(session: ChatSession, args: str) -> CommandResult:
     return CommandResult(exit=True)
 

@@ -83,9 +83,10 @@ def test_unknown_commands_get_a_suggestion(make_session, line: str, expected: st
     assert result.error and expected in result.text and not result.exit
 
 
-def test_exit_saves_by_default(make_session) -> None:
-    result = run_command(make_session(), "/exit")
-    assert result.exit and result.save_on_exit
+@pytest.mark.parametrize("line", ["/exit", "/quit", "/QUIT"])
+def test_exit_saves_by_default(make_session, line: str) -> None:
+    result = run_command(make_session(), line)
+    assert result.exit and result.save_on_exit and not result.error
 
 
 # --- save, load, reset, forget ---------------------------------------------------------------------
