@@ -382,3 +382,13 @@ def test_a_statement_still_in_the_chat_is_not_read_again_unless_asked_about(tiny
         assert [i.text for i in eng.ask(FACT).read] == [FACT]
     finally:
         eng.close()
+
+
+def test_a_sentence_splits_at_its_first_comma_ascii_or_full_width() -> None:
+    from lmm.memory.trace_bank import _first_clause
+
+    assert _first_clause("Hi, I'm Ada.") == ("Hi", "I'm Ada.")
+    assert _first_clause("Well, so, it is.") == ("Well", "so, it is.")
+    assert _first_clause("你好，我是小明。") == ("你好", "我是小明。")  # the full-width comma
+    assert _first_clause("No comma here.") == ("No comma here.", "")
+    assert _first_clause("Trailing,") == ("Trailing,", "")

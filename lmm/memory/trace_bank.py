@@ -40,7 +40,7 @@ from lmm.memory.base import (
     WriteResult,
 )
 from lmm.memory.registry import register
-from lmm.memory.trace_gate import is_question, sentences
+from lmm.memory.trace_gate import gate_score, is_question, sentences
 from lmm.memory.trace_routing import TraceRouting
 from lmm.memory.trace_store import TraceStore
 from lmm.memory.traces import (
@@ -57,6 +57,12 @@ from lmm.ops import Array, Ops
 from lmm.types import ExtraKV, ModelView
 
 __all__ = ["TraceBank", "TraceBankConfig"]
+
+
+def _first_clause(sentence: str) -> tuple[str, str]:
+    """`sentence` split at its first comma (ASCII or full-width): (head, rest); rest "" without one."""
+    at = min((i for i in (sentence.find(", "), sentence.find("\uff0c")) if i >= 0), default=-1)
+    return (sentence, "") if at < 0 else (sentence[:at], sentence[at + 1:].strip())
 
 
 @dataclass
@@ -82,6 +88,7 @@ class TraceBankConfig(MemoryConfig):
     read_role: bool = True  # read the whole user turn placed before the chat (False: the words, at its start)
     write_gate: str = "model"  # model: sentences the probe says inform; all: every sentence but questions
     gate_bias: float = 0.0  # probe score a sentence needs (0: halfway between the examples' classes)
+    trim_leading: bool = True  # drop leading comma clauses the write gate rejects ("Hi, I'm Ada." -> "I'm Ada.")
     supersede: float = 0.45  # of two statements one reply reads, a newer scoring >= this against the older ...
     supersede_sentence: float = 0.50  # ... and >= this whole-turn cosine leaves the older out (a correction)
     supersede_gap: float = 0.35  # ... and the newer's relevance is at least the older's minus this
@@ -213,6 +220,7 @@ class TraceBank(TraceRouting, DirectMemory):
         notes, skipped = [], 0
         now = time.time()  # one message, one time: its sentences never correct one another
         for part in parts:
+            part = self._trimmed(part)
             ids, start, content = self._turn(part)
             if len(ids) - start > self.cfg.max_trace_tokens:
                 notes.append(f"not stored (longer than {self.cfg.max_trace_tokens} tokens): {part[:40]}...")
@@ -239,6 +247,18 @@ class TraceBank(TraceRouting, DirectMemory):
             notes.append(f"{skipped} other sentence{'s' if skipped > 1 else ''} not stored")
         result.note = "; ".join(notes)
         return result
+
+    def _trimmed(self, sentence: str) -> str:
+        """`sentence` without the leading comma clauses the write gate says tell nothing: a greeting or
+        filler in front ("Hi, I'm Ottoline.") dilutes what a question routes on ("What is my name?" read
+        "I'm Ottoline." but not the whole; docs/trace_bank.md, "Leading clauses")."""
+        if not self.cfg.trim_leading or self.cfg.write_gate != "model":
+            return sentence
+        head, rest = _first_clause(sentence)
+        while rest and gate_score(self._model, self.sentence_layer, head) < self.cfg.gate_bias:
+            sentence = rest[:1].upper() + rest[1:]
+            head, rest = _first_clause(sentence)
+        return sentence
 
     def _place(self, trace: Trace, query: np.ndarray, whole: np.ndarray) -> str:
         """Relate a new trace (its normalised routing and sentence states) to the current ones before
