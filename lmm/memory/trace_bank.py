@@ -2,7 +2,8 @@
 
 Owns the trace store and its two halves. Write (`write`, after each user message): the message is
 split into sentences; questions are dropped, and the write gate (a probe on the frozen model's own
-states, `lmm.memory.trace_gate`) keeps the sentences that tell something. Each kept sentence runs
+states, `lmm.memory.trace_gate`) keeps the sentences that tell something, without the leading comma
+clauses it rejects (a greeting: "Hi, I'm Ada." is kept as "I'm Ada."). Each kept sentence runs
 once through the frozen model as the only user turn and becomes a trace: its token ids and two
 routing keys (content-token states entering `routing_layer`, the turn's mean state entering
 `sentence_layer`). A restatement replaces its twin; a correction is decided when a reply would
