@@ -97,6 +97,7 @@ def test_trace_bank_decides_with_the_model(embedded) -> None:
         assert bank._trimmed("Hi, I'm Ottoline.") == "I'm Ottoline."
         assert bank._trimmed("Well, honestly, my flat number is 62.") == "My flat number is 62."
         assert bank._trimmed("Last week, I sold my old bike.") == "Last week, I sold my old bike."
+        assert bank._trimmed(", my flat number is 62.") == "My flat number is 62."  # nothing before the comma
         assert [bank._text(bank.traces[i]) for i in bank.select("What's the cabin's wifi password?")] == [
             "The wifi password at the cabin is pinecone77."]
         # A neighbouring question reads the cabin's statement; with `cover_surprisal` on, "gym" stays

@@ -256,7 +256,7 @@ class TraceBank(TraceRouting, DirectMemory):
         if not self.cfg.trim_leading or self.cfg.write_gate != "model":
             return sentence
         head, rest = _first_clause(sentence)
-        while rest and gate_score(self._model, self.sentence_layer, head) < self.cfg.gate_bias:
+        while rest and (not head.strip() or gate_score(self._model, self.sentence_layer, head) < self.cfg.gate_bias):
             sentence = rest[:1].upper() + rest[1:]
             head, rest = _first_clause(sentence)
         return sentence
