@@ -195,7 +195,8 @@ def test_dumb_terminal_odd_input_and_ctrl_c_exit(tiny_llama: Path, tmp_path: Pat
 
 def test_the_stats_line_says_what_the_memory_read(tiny_llama: Path, tmp_path: Path) -> None:
     """trace_bank (tiny-model settings: every sentence stored, routing on the first stage alone): a
-    reply that reads a statement names it by its /memory number; one that reads nothing does not."""
+    reply that reads a statement names it by its /memory number; one that reads nothing does not.
+    The statement is said again after /reset: while the chat holds it, a statement is not re-read."""
     fact = "My name is Alice and I live in Paris."
     opts = [a for kv in ("write_gate=all", "relevance=0", "margin_weight=1000", "threshold=0.99",
                          "sentence_threshold=0.99", "dtype=float32") for a in ("--mm-opt", kv)]
@@ -206,6 +207,7 @@ def test_the_stats_line_says_what_the_memory_read(tiny_llama: Path, tmp_path: Pa
         child.expect_exact("stored: " + fact)
         prompt(child, "alice")
         command(child, "/memory list", "1 item", fact)
+        command(child, "/reset", "chat history cleared; memory kept")
         child.sendline(fact)
         child.expect_exact(f'read #1 "{fact}" · ')
         child.expect_exact("tok/s")
