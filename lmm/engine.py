@@ -10,7 +10,6 @@ holds no UI code: notices go to a callback, text comes back as `GenerationRespon
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -34,13 +33,13 @@ from lmm.state import (
     StateHeader,
     check_compatible,
     default_save_path,
-    iso_time,
     nonfinite_tensor,
     now_iso,
     promote,
     read_state,
     recovery_path,
     save_state,
+    write_export,
 )
 from lmm.turns import GenerationResponse, TurnResult
 
@@ -469,15 +468,9 @@ class ChatEngine:
 
     def export_memory(self, path: Path | str) -> Path:
         """Write what the memory holds as JSON a person can read (items, figures); return the path."""
-        items = [{"number": i, "text": item.text, "said_at": None if item.said_at is None else iso_time(item.said_at),
-                  "replaced_by": item.replaced_by} for i, item in enumerate(self.memory_items(), start=1)]
-        doc = {"module": self.module.name, "model": self.backend.model_id, "updates": self.module.update_count,
-               "exported_at": now_iso(), "config": self.module.config.to_dict(), "items": items,
-               "summary": self.module.summary()}
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-        return target
+        return write_export(Path(path), module=self.module.name, model_id=self.backend.model_id,
+                            updates=self.module.update_count, config=self.module.config.to_dict(),
+                            items=self.memory_items(), summary=self.module.summary())
 
     def forget(self) -> None:
         """Reset the memory to its freshly initialised state."""

@@ -4,7 +4,8 @@ Owns the file format (tensor names come from the module, metadata from `StateHea
 the atomic write (temporary file in the same folder, fsync, rename: an interrupted save
 leaves the previous file intact), the checks that refuse a file before anything is changed
 (unreadable, not finite, of another module, model, hidden size or layer), and where a
-state's unsaved-session autosave lives (`recovery_path`). It never writes to a file it
+state's unsaved-session autosave lives (`recovery_path`), and the readable JSON export
+(`write_export`). It never writes to a file it
 failed to read. Who writes when is the session's and engine's business.
 """
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +72,19 @@ def now_iso() -> str:
 def iso_time(when: float) -> str:
     """A Unix time as an ISO 8601 string in UTC, to the second."""
     return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")
+
+
+def write_export(path: Path, *, module: str, model_id: str, updates: int, config: dict[str, Any],
+                 items: Sequence[Any], summary: dict[str, Any]) -> Path:
+    """A memory's items (objects with `text`, `said_at` seconds or None, `replaced_by`) and figures as JSON
+    a person can read, numbered from 1 as `/memory list` numbers them; returns `path`."""
+    rows = [{"number": i, "text": item.text, "said_at": None if item.said_at is None else iso_time(item.said_at),
+             "replaced_by": item.replaced_by} for i, item in enumerate(items, start=1)]
+    doc = {"module": module, "model": model_id, "updates": updates, "exported_at": now_iso(), "config": config,
+           "items": rows, "summary": summary}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return path
 
 
 def recovery_path(path: Path) -> Path:
