@@ -215,7 +215,12 @@ class TraceRouting:
         if not text or not self.traces:
             return [], {}
         margin = self.margins(text)
-        in_context = _Context(context, self)
+        said = [_squash(m) for m in context if m.strip()]
+
+        def in_context(i: int) -> bool:  # its text inside an earlier message (decoded for the few asked about)
+            text = _squash(self._text(self.traces[i])) if said else ""
+            return bool(text) and any(text in m for m in said)
+
         first: list[int] = []
         for i in np.argsort(-margin, kind="stable"):
             if len(first) == self.cfg.candidates or not margin[i] >= self.cfg.check_margin:  # -inf: stale
@@ -352,17 +357,3 @@ class TraceRouting:
 def _squash(text: str) -> str:
     return " ".join(text.split()).casefold()
 
-
-class _Context:
-    """Whether a trace's statement is in the prompt already: its text inside one of the user's messages
-    there (decoded only for the traces asked about, the few best of the first stage)."""
-
-    def __init__(self, messages: Sequence[str], routing: TraceRouting) -> None:
-        self.messages = [_squash(m) for m in messages if m.strip()]
-        self.routing = routing
-
-    def __call__(self, i: int) -> bool:
-        if not self.messages:
-            return False
-        text = _squash(self.routing._text(self.routing.traces[i]))
-        return bool(text) and any(text in m for m in self.messages)
