@@ -131,6 +131,7 @@ class Example:
 class Guard:
     """An unrelated prompt and the frozen model's reply: its log-distributions and greedy tokens."""
 
+    prompt: str
     ids: list[int]
     positions: list[int]
     targets: list[int]  # the frozen greedy reply
@@ -257,10 +258,10 @@ class Consolidator:
                 full = ids + reply
                 positions = list(range(len(ids) - 1, len(full) - 1))
                 logits = self.backend.forward(full, self.backend.new_cache(), "score", keep=positions)
-                out.append(Guard(full, positions, reply, ops.log_softmax(logits, -1)))
+                out.append(Guard(GUARD_PROMPTS[i], full, positions, reply, ops.log_softmax(logits, -1)))
         return out
 
-    def drift(self) -> float:
+    def drift(self, module: GradientMemory) -> float:
         """Share of the held-out guard prompts whose greedy reply (its first `drift_tokens`), generated with
         the memory the way a chat generates, differs from the frozen model's. Generated, not scored: a
         module that routes by the prefix (chaptered_bank) reads other slots while generating than in one
@@ -271,6 +272,9 @@ class Consolidator:
         changed = 0
         self.backend.reset_session()  # what it holds was computed before the updates
         for g in held_out:  # consecutive prompts reuse the cached system prompt
+            if not module.affects(g.prompt):
+                continue  # the module leaves this reply exactly as it was
+            module.before_reply([*self.system, {"role": "user", "content": g.prompt}])
             reply = list(self.backend.generate(g.ids[: len(g.ids) - len(g.targets)], greedy))
             changed += reply != g.targets[:n]
         self.backend.reset_session()
@@ -298,7 +302,11 @@ class Consolidator:
         puts the module back as it was, when the drift check fails."""
         start = time.perf_counter()
         examples, dropped = self.examples(statement)
-        summary = self.learn(module, hook, examples, statement=statement, restore=restore)
+        if examples:  # a routed module may open slots of its own for the statement
+            with module.consolidating([e.question for e in examples], GUARD_PROMPTS[:GUARD_TRAIN]):
+                summary = self.learn(module, hook, examples, statement=statement, restore=restore)
+        else:
+            summary = self.learn(module, hook, examples, statement=statement, restore=restore)
         summary.dropped = dropped
         summary.seconds = time.perf_counter() - start
         return summary
@@ -314,13 +322,18 @@ class Consolidator:
             return summary
         guards = self.guards()[:GUARD_TRAIN]
         summary.loss = self._mean_answer_loss(examples)
+        # The states entering the module's layer come from the frozen layers below: one capture per question.
+        hiddens: dict[int, Array | None] = {}
         with module.schedule(cfg.lr or None, cfg.steps or None):
             for _ in range(cfg.epochs):
-                for ex in examples:
+                for k, ex in enumerate(examples):
                     chosen = [guards[(self._turn + j) % len(guards)] for j in range(cfg.guards_per_step)]
+                    chosen = [g for g in chosen if module.affects(g.prompt)]  # the rest stay as they are
                     self._turn += cfg.guards_per_step
-                    self.backend.forward(ex.ids, self.backend.new_cache(), "score", keep=[len(ex.ids) - 1])
-                    hidden = hook.captured[0] if hook.captured is not None else None
+                    if k not in hiddens:
+                        self.backend.forward(ex.ids, self.backend.new_cache(), "score", keep=[len(ex.ids) - 1])
+                        hiddens[k] = hook.captured[0] if hook.captured is not None else None
+                    hidden = hiddens[k]
 
                     def loss(params: Params, ex: Example = ex, chosen: list[Guard] = chosen) -> Array:
                         with module.bound(params):
@@ -333,7 +346,7 @@ class Consolidator:
                                             hidden=hidden, loss=loss))
                     summary.updates += 1
         summary.loss_after = self._mean_answer_loss(examples)
-        summary.drift = self.drift()
+        summary.drift = self.drift(module)
         if summary.drift > cfg.max_drift and restore is not None:
             restore()
             summary.rolled_back = True

@@ -43,10 +43,11 @@ def main() -> None:
     for k, fact in enumerate(facts):
         teach = new_engine(backend, args.module, options, max_tokens=12, seed=0, consolidate=True,  # type: ignore[arg-type]
                            consolidation_options=consolidation)  # type: ignore[arg-type]
-        drifts = []
+        drifts, seconds = [], []
         for text in fact["teach"]:
             turn = teach.ask(text)
             drifts += [c["drift"] for c in turn.update.consolidated if c["drift"] is not None]
+            seconds += [round(c["seconds"], 1) for c in turn.update.consolidated]
         path = Path(tempfile.mkdtemp()) / "memory.safetensors"
         teach.save_memory(path)
         teach.close()
@@ -54,13 +55,15 @@ def main() -> None:
         ask.load_memory(path)
         answer = ask.respond([{"role": "user", "content": fact["query"]}]).assistant
         hit = recalls(answer, fact["expect"])
+        opened = ask.module.summary().get("fact_open")  # chaptered_bank: the fact chapters the question read
         prompts = [unrelated[(k * UNRELATED_PER_FACT + j) % len(unrelated)] for j in range(UNRELATED_PER_FACT)]
         kept = sum(ask.respond([{"role": "user", "content": q}]).assistant == reference[q] for q in prompts)
         ask.close()
         recalled += hit
         same += kept
         print(json.dumps({"name": fact["name"], "answer": answer, "recalled": hit, "unrelated_identical": kept,
-                          "drift": max(drifts) if drifts else None}), flush=True)
+                          "drift": max(drifts) if drifts else None, "seconds": seconds,
+                          **({"opened": opened} if opened is not None else {})}), flush=True)
     print(f"recall {recalled}/{len(facts)}, unrelated identical {same}/{len(facts) * UNRELATED_PER_FACT}")
 
 

@@ -315,6 +315,18 @@ class GradientMemory(MemoryModule):
     def trainable(self, batch: LearnBatch) -> Params:
         return dict(self.params)
 
+    @contextmanager
+    def consolidating(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
+        """One statement's consolidation runs inside, with the questions it trains on and prompts whose
+        replies it must leave alone. A module whose structure routes may give the statement slots of
+        its own here (chaptered_bank's fact chapters); the default trains what `trainable` picks."""
+        yield
+
+    def affects(self, text: str) -> bool:
+        """Whether the module may change the reply to a chat whose last user message is `text`. A module
+        that knows it leaves a prompt exactly alone says False, and the learner skips that prompt."""
+        return True
+
     def reset_learner(self) -> None:
         self.optimizer.reset()
 

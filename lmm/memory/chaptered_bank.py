@@ -36,19 +36,24 @@ Options: `low_rank` r > 0 stores each chapter's values as A_c B_c^T ([S, r] x [d
 = max|row| / 127 kept as float32): each entry is off by at most half a step, max|row| / 254,
 i.e. <= 0.4 % of its row's largest entry; the running module keeps float32 until reloaded.
 Chapter usage (positions routed at inference, updates per chapter) is saved and reported.
-It owns no token selection (`lmm.memory.base`) and no model code.
+With `--consolidate`, each statement gets a gated chapter of its own instead (`fact_*` options,
+`lmm.memory.chaptered_facts`). It owns no token selection (`lmm.memory.base`) and no model code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from lmm.memory.base import GradientConfig, GradientMemory, LearnBatch, RewriteContext, StateError
+from lmm.memory.chaptered_facts import FACT_BUFFERS, FactChapters
 from lmm.memory.registry import register
 from lmm.ops import Array, Ops, Params
+from lmm.types import ModelView
 
 ROUTINGS = ("sequence", "rolling", "token")
 EPS = 1e-6
@@ -68,6 +73,10 @@ class ChapteredBankConfig(GradientConfig):
     storage_bits: int = 32
     router_scale: float = 4.0
     null_logit: float = 4.0
+    fact_slots: int = 4  # slots of each consolidated statement's chapter
+    fact_margin: float = 0.15  # a message opens it past the best unrelated prompt's cosine by this much
+    fact_top_k: int = 2  # fact chapters one reply reads at most
+    fact_scale: float = 4.0  # what a fact chapter adds, relative to the hidden state's scale
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +102,14 @@ class ChapteredBankConfig(GradientConfig):
             raise ValueError(f"router_scale must be >= 0, got {self.router_scale}")
         if not np.isfinite(self.null_logit):
             raise ValueError(f"null_logit must be finite, got {self.null_logit}")
+        if self.fact_slots < 1:
+            raise ValueError(f"fact_slots must be >= 1, got {self.fact_slots}")
+        if not -1.0 <= self.fact_margin <= 2.0:
+            raise ValueError(f"fact_margin must be in [-1, 2], got {self.fact_margin}")
+        if self.fact_top_k < 1:
+            raise ValueError(f"fact_top_k must be >= 1, got {self.fact_top_k}")
+        if not self.fact_scale > 0:
+            raise ValueError(f"fact_scale must be > 0, got {self.fact_scale}")
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +124,7 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 @register
-class ChapteredBank(GradientMemory):
+class ChapteredBank(GradientMemory, FactChapters):
     name = "chaptered_bank"
     config_cls = ChapteredBankConfig
     transient_buffers = ("route_cum",)
@@ -143,6 +160,27 @@ class ChapteredBank(GradientMemory):
         self.buffers["usage_update"] = ops.zeros((c,))
         self._train_chapters: list[int] | None = None
         self._loading_plain = False
+        self.model: ModelView | None = None
+        self.layer: int | None = None
+        self._open: list[int] = []  # fact chapters the current reply reads
+        self._fact: int | None = None  # the fact chapter being consolidated
+        self._states: dict[str, np.ndarray] = {}
+
+    def attach(self, model: ModelView, layer: int) -> None:
+        self.model, self.layer = model, layer
+
+    def before_reply(self, messages: Sequence[dict[str, str]]) -> None:
+        self._gate_before_reply(messages)
+
+    @contextmanager
+    def consolidating(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
+        with self._new_fact(questions, unrelated):
+            yield
+
+    def affects(self, text: str) -> bool:
+        """False when the seed bank was never trained and no fact chapter opens for `text`."""
+        trained = bool(np.any(self.ops.to_numpy(self.params["w_out"])))
+        return trained or bool(self.opened(text))
 
     # --- routing ---------------------------------------------------------------------------
     def _pooled(self, u: Array, ctx: RewriteContext) -> tuple[Array, Array | None]:
@@ -221,6 +259,9 @@ class ChapteredBank(GradientMemory):
         attn = ops.softmax(ops.concat([logits, null], axis=-1), axis=-1)[..., : k * s]
         read = (attn @ vals).reshape(b, t, self.dm)
         out = x + rms * (read @ p["w_out"]) / float(np.sqrt(self.dm))
+        facts = self._fact_read(x, rms, ctx)
+        if facts is not None:
+            out = out + facts
         if ctx.phase == "generate":
             self._advance(u, sel, new_hist, t)
         return ops.astype(out, hidden)
@@ -251,6 +292,8 @@ class ChapteredBank(GradientMemory):
         return [int(c) for c in ops.to_numpy(sel).reshape(-1)]
 
     def trainable(self, batch: LearnBatch) -> Params:
+        if self._fact is not None:  # a statement's consolidation trains its own chapter only
+            return self._fact_trainable()
         if batch.hidden is None:
             raise ValueError("chaptered_bank needs the message's hidden states (batch.hidden) to route")
         chapters = self.route_message(batch.hidden)
@@ -265,6 +308,10 @@ class ChapteredBank(GradientMemory):
         return out
 
     def commit(self, params: Params, batch: LearnBatch) -> None:
+        if self._fact is not None:
+            self.params.update(params)
+            self.ops.evaluate(self.params)
+            return
         chapters = self._train_chapters or []
         for f in self.chapter_fields:
             full = self.params[f]
@@ -285,6 +332,7 @@ class ChapteredBank(GradientMemory):
             "usage_inference": [int(v) for v in ops.to_numpy(self.buffers["usage_infer"])],
             "usage_update": [int(v) for v in ops.to_numpy(self.buffers["usage_update"])],
             "w_out_norm": float(np.linalg.norm(ops.to_numpy(self.params["w_out"]))),
+            **self.fact_summary(),
         }
 
     # --- state ----------------------------------------------------------------------------------
@@ -301,6 +349,21 @@ class ChapteredBank(GradientMemory):
         return out
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        facts = {k: self.params.get(k.partition(".")[2], self.buffers.get(k.partition(".")[2]))
+                 for k in super().state_tensors() if self._is_fact_tensor(k.partition(".")[2])}
+        self._drop_facts()  # the state brings its own (or none); a failed load puts these back
+        try:
+            self._load_state(tensors)
+        except StateError:
+            for key, value in facts.items():
+                kind, _, name = key.partition(".")
+                (self.params if kind == "param" else self.buffers)[name] = value
+            raise
+
+    def _resizable(self, name: str) -> bool:
+        return name in FACT_BUFFERS
+
+    def _load_state(self, tensors: dict[str, np.ndarray]) -> None:
         if self.cfg.storage_bits == 32:
             super().load_state_tensors(tensors)
             return

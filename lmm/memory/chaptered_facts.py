@@ -1,0 +1,155 @@
+"""`chaptered_bank`'s fact chapters: one small chapter per consolidated statement, opened by a gate.
+
+Owns what consolidation (`lmm.consolidation`, issue #14) adds to the seed bank: for each statement,
+a chapter of `fact_slots` slots (keys and values of the hidden size, values zero at first, so a new
+chapter changes nothing) trained on the teacher's answers, and its gate: a route (the unit mean of
+the training questions' states, centred) and a threshold (the best cosine of any unrelated prompt the
+learner must leave alone, plus `fact_margin`). A reply reads the `fact_top_k` chapters whose route the
+user's message passes, with the cosine taken on the same feature (the frozen model's mean state of
+the message's content tokens entering the module's layer), decided once in `before_reply`; every
+other reply reads none, so it is the seed bank's alone. The seed's top-k chapters route by the
+running mean of every position and share one output projection, so what a statement taught them
+reached unrelated replies (docs/consolidation.md); a gate per statement keeps it to its questions.
+
+Without `--consolidate` no fact chapter exists and the module is the seed's, unchanged. It owns no
+learner (the consolidator drives `consolidating`) and no seed routing (`chaptered_bank`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from lmm.memory.trace_gate import content_state
+from lmm.memory.traces import CALIBRATION
+from lmm.ops import Array, Ops, Params
+from lmm.types import ModelView, RewriteContext
+
+FACT_BUFFERS = ("fact_route", "fact_threshold", "fact_center")
+EPS = 1e-6
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + EPS)
+
+
+class FactChapters:
+    """The fact-chapter half of `ChapteredBank` (which sets the attributes below)."""
+
+    cfg: Any  # ChapteredBankConfig
+    ops: Ops
+    hidden_size: int
+    seed: int
+    params: Params
+    buffers: dict[str, Array]
+    model: ModelView | None
+    layer: int | None
+    _open: list[int]
+    _fact: int | None
+    _states: dict[str, np.ndarray]
+    p: Params  # MemoryModule's: the bound parameters during a gradient step
+
+    # --- what exists ------------------------------------------------------------------------
+    @property
+    def fact_count(self) -> int:
+        route = self.buffers.get("fact_route")
+        return 0 if route is None else int(route.shape[0])
+
+    def _is_fact_tensor(self, name: str) -> bool:
+        return name.startswith("fact") and (name in FACT_BUFFERS or name.split(".")[0][4:].isdigit())
+
+    def _drop_facts(self) -> None:
+        for store in (self.params, self.buffers):
+            for name in [n for n in store if self._is_fact_tensor(n)]:
+                del store[name]
+        self._open, self._fact = [], None
+
+    # --- the gate ---------------------------------------------------------------------------
+    def _state(self, text: str) -> np.ndarray:
+        """The gate's feature of `text` as a lone user turn (frozen model; cached, it never changes)."""
+        cached = self._states.get(text)
+        if cached is None:
+            if self.model is None or self.layer is None:
+                raise RuntimeError("chaptered_bank's fact chapters need the model (ChatEngine attaches it)")
+            if len(self._states) >= 256:
+                self._states.clear()
+            cached = self._states[text] = content_state(self.model, self.layer, text)
+        return cached
+
+    def _cosines(self, text: str) -> np.ndarray:
+        """Cosine of `text`'s centred state with every fact chapter's route, minus its threshold."""
+        center = self.ops.to_numpy(self.buffers["fact_center"])
+        route = self.ops.to_numpy(self.buffers["fact_route"])
+        cos = route @ _unit(self._state(text) - center)
+        return cos - self.ops.to_numpy(self.buffers["fact_threshold"])
+
+    def opened(self, text: str) -> list[int]:
+        """The fact chapters a message `text` reads: those whose gate it passes, best margin first."""
+        if not self.fact_count or not text.strip():
+            return []
+        margin = self._cosines(text)
+        order = [int(i) for i in np.argsort(-margin) if margin[i] >= 0.0]
+        return order[: self.cfg.fact_top_k]
+
+    def _gate_before_reply(self, messages: Sequence[dict[str, str]]) -> None:
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        self._open = self.opened(users[-1]) if users else []
+
+    # --- a new chapter ------------------------------------------------------------------------
+    @contextmanager
+    def _new_fact(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
+        """Open a chapter for one statement: its route from `questions`, its threshold above every
+        `unrelated` prompt; score and train passes inside read it (and only it)."""
+        ops, d = self.ops, self.hidden_size
+        others = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION)])
+        if "fact_center" not in self.buffers:  # fixed at the first fact, so earlier routes stay valid
+            self.buffers["fact_center"] = ops.asarray(others.mean(axis=0).astype(np.float32))
+        center = ops.to_numpy(self.buffers["fact_center"])
+        route = _unit(np.stack([self._state(q) for q in questions]).mean(axis=0) - center)
+        threshold = float((_unit(np.stack([self._state(t) for t in unrelated]) - center) @ route).max())
+        i = self.fact_count
+        old_route = ops.to_numpy(self.buffers["fact_route"]) if i else np.zeros((0, d), np.float32)
+        old_thr = ops.to_numpy(self.buffers["fact_threshold"]) if i else np.zeros((0,), np.float32)
+        self.buffers["fact_route"] = ops.asarray(np.concatenate([old_route, route[None]]).astype(np.float32))
+        self.buffers["fact_threshold"] = ops.asarray(
+            np.append(old_thr, threshold + self.cfg.fact_margin).astype(np.float32))
+        rng = np.random.default_rng([self.seed, i])
+        self.params[f"fact{i}.keys"] = ops.asarray(rng.normal(size=(self.cfg.fact_slots, d)).astype(np.float32))
+        self.params[f"fact{i}.values"] = ops.zeros((self.cfg.fact_slots, d))
+        self._fact = i
+        try:
+            yield
+        finally:
+            self._fact = None
+
+    def _fact_trainable(self) -> Params:
+        i = self._fact
+        return {f"fact{i}.keys": self.params[f"fact{i}.keys"], f"fact{i}.values": self.params[f"fact{i}.values"]}
+
+    # --- reading ----------------------------------------------------------------------------------
+    def _fact_read(self, x: Array, rms: Array, ctx: RewriteContext) -> Array | None:
+        """What the open fact chapters add to hidden states `x` [B, T, d] (None: none open)."""
+        if ctx.phase == "generate" or self._fact is None:
+            chapters = self._open
+        else:
+            chapters = [self._fact]
+        chapters = [i for i in chapters if f"fact{i}.keys" in self.p]
+        if not chapters:
+            return None
+        ops, p, d = self.ops, self.p, self.hidden_size
+        q = x - self.buffers["fact_center"]
+        q = q * (float(np.sqrt(d)) / (ops.norm(q, axis=-1, keepdims=True) + EPS))
+        b, t, _ = x.shape
+        total = None
+        for i in chapters:
+            logits = q @ ops.swapaxes(p[f"fact{i}.keys"], 0, 1) / float(np.sqrt(d))  # [B, T, S]
+            attn = ops.softmax(ops.concat([logits, ops.zeros((b, t, 1))], axis=-1), axis=-1)[..., :-1]
+            read = rms * (attn @ p[f"fact{i}.values"]) * self.cfg.fact_scale
+            total = read if total is None else total + read
+        return total
+
+    def fact_summary(self) -> dict[str, Any]:
+        return {"fact_chapters": self.fact_count, "fact_open": list(self._open)}

@@ -1,0 +1,120 @@
+"""chaptered_bank's fact chapters (`lmm.memory.chaptered_facts`) on the tiny models, both backends: a
+consolidated statement gets a gated chapter of its own; a prompt that does not pass its gate gets the
+plain model's reply exactly (with a positive control: the same prompt with the chapter forced open
+changes); the chapters survive a save and load, a rollback drops them, a failed load keeps them; the
+drift check does not generate for prompts the module leaves alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lmm.backends import DecodingConfig
+from lmm.consolidation import GUARD_PROMPTS, GUARD_TRAIN, ConsolidationConfig, Consolidator
+from lmm.engine import ChatEngine, EngineConfig
+from lmm.memory.base import RewriteContext, StateError
+from lmm.memory.chaptered_bank import ChapteredBank
+
+QUESTIONS = ["Where is the red kite kept?", "What is kept in the garden shed?"]
+ANSWER = "The red kite is in the shed."
+FAST = dict(lr=0.05, steps=3, epochs=2, guards_per_step=1, guard_tokens=4, drift_tokens=4, max_drift=1.0)
+
+
+def engine_for(be: Any, tmp_path: Path) -> ChatEngine:
+    return ChatEngine(EngineConfig(memory="chaptered_bank", activation_log_path=tmp_path / "log.jsonl",
+                                   background_updates=False, decoding=DecodingConfig(max_tokens=6)), backend=be)
+
+
+def consolidated(engine: ChatEngine) -> ChapteredBank:
+    module = engine.module
+    assert isinstance(module, ChapteredBank)
+    teacher = Consolidator(engine.backend, ConsolidationConfig(**FAST))
+    with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN]):
+        summary = teacher.learn(module, engine.hook, [teacher.example(q, ANSWER) for q in QUESTIONS])
+    assert summary.loss_after < summary.loss and not summary.rolled_back
+    return module
+
+
+def reply(engine: ChatEngine, text: str) -> str:
+    return engine.respond([{"role": "user", "content": text}]).assistant
+
+
+@pytest.mark.parametrize("name", ["torch", pytest.param("mlx_lm", marks=pytest.mark.mlx)])
+def test_a_statement_gets_a_gated_chapter_that_other_prompts_never_read(name: str, tiny_backend,
+                                                                        tmp_path: Path) -> None:
+    be = tiny_backend(name)
+    plain = engine_for(be, tmp_path)
+    unrelated = GUARD_PROMPTS[GUARD_TRAIN]  # held out: not used to set the threshold
+    before = reply(plain, unrelated)
+    plain.close()
+    engine = engine_for(be, tmp_path)
+    module = consolidated(engine)
+    assert module.fact_count == 1 and set(module.params) >= {"fact0.keys", "fact0.values"}
+    assert module.opened(QUESTIONS[0]) == [0]
+    assert all(module.opened(t) == [] for t in GUARD_PROMPTS[:GUARD_TRAIN])  # the threshold is above them
+    closed = [t for t in GUARD_PROMPTS[GUARD_TRAIN:] if not module.affects(t)]
+    assert unrelated in closed
+    assert reply(engine, unrelated) == before
+    assert module.summary()["fact_chapters"] == 1
+    # positive control: the chapter forced open changes the hidden states it was trained to change
+    x = be.ops.asarray(np.random.default_rng(0).normal(0, 2, size=(1, 5, be.hidden_size)).astype(np.float32))
+    module._open = [0]
+    opened = be.ops.to_numpy(module.rewrite(x, RewriteContext(phase="generate", offset=0)))
+    module._open = []
+    shut = be.ops.to_numpy(module.rewrite(x, RewriteContext(phase="generate", offset=0)))
+    assert np.array_equal(shut, be.ops.to_numpy(x)) and not np.allclose(opened, shut)
+    engine.close()
+
+
+def test_fact_chapters_survive_a_reload_and_a_rollback_drops_them(tiny_backend, tmp_path: Path) -> None:
+    be = tiny_backend("torch")
+    engine = engine_for(be, tmp_path)
+    empty = {k: np.array(v, copy=True) for k, v in engine.module.state_tensors().items()}
+    module = consolidated(engine)
+    path = tmp_path / "m.safetensors"
+    engine.save_memory(path)
+    saved = {k: np.array(v, copy=True) for k, v in module.state_tensors().items()}
+    engine.close()
+    again = engine_for(be, tmp_path)
+    again.load_memory(path)
+    loaded = again.module
+    assert isinstance(loaded, ChapteredBank) and loaded.fact_count == 1
+    assert all(np.array_equal(saved[k], v) for k, v in loaded.state_tensors().items())
+    assert loaded.opened(QUESTIONS[0]) == [0]
+    broken = {k: v for k, v in saved.items() if k != "param.w_out"}
+    with pytest.raises(StateError, match="w_out"):
+        loaded.load_state_tensors(broken)
+    assert loaded.fact_count == 1 and "fact0.values" in loaded.params  # a failed load keeps them
+    loaded.load_state_tensors(empty)  # what the drift check's rollback does
+    assert loaded.fact_count == 0 and not any(k.startswith("fact") for k in loaded.params)
+    assert loaded.opened(QUESTIONS[0]) == []
+    again.close()
+
+
+def test_drift_check_generates_only_for_prompts_the_module_may_change(tiny_backend, tmp_path: Path) -> None:
+    be = tiny_backend("torch")
+    engine = engine_for(be, tmp_path)
+    module = consolidated(engine)
+    teacher = Consolidator(be, ConsolidationConfig(**FAST))
+    teacher.guards()
+    calls: list[int] = []
+    original = be.generate
+
+    def counting(*args: Any, **kwargs: Any):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    be.generate = counting
+    try:
+        skipped = teacher.drift(module)
+        assert skipped == 0.0 and len(calls) == sum(module.affects(t) for t in GUARD_PROMPTS[GUARD_TRAIN:])
+        calls.clear()
+        module.params["w_out"] = be.ops.zeros(tuple(module.params["w_out"].shape)) + 1.0  # positive control
+        teacher.drift(module)
+        assert len(calls) == len(GUARD_PROMPTS) - GUARD_TRAIN
+    finally:
+        be.generate = original
+        engine.close()
