@@ -76,7 +76,7 @@ class ChapteredBankConfig(GradientConfig):
     fact_slots: int = 4  # slots of each consolidated statement's chapter
     fact_margin: float = 0.15  # a message opens it past the best unrelated prompt's cosine by this much
     fact_top_k: int = 2  # fact chapters one reply reads at most
-    fact_scale: float = 4.0  # what a fact chapter adds, relative to the hidden state's scale
+    fact_scale: float = 8.0  # what a fact chapter adds, relative to the hidden state's scale
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -349,15 +349,13 @@ class ChapteredBank(GradientMemory, FactChapters):
         return out
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        facts = {k: self.params.get(k.partition(".")[2], self.buffers.get(k.partition(".")[2]))
-                 for k in super().state_tensors() if self._is_fact_tensor(k.partition(".")[2])}
+        kept = [{n: v for n, v in store.items() if self._is_fact_tensor(n)} for store in (self.params, self.buffers)]
         self._drop_facts()  # the state brings its own (or none); a failed load puts these back
         try:
             self._load_state(tensors)
         except StateError:
-            for key, value in facts.items():
-                kind, _, name = key.partition(".")
-                (self.params if kind == "param" else self.buffers)[name] = value
+            self.params.update(kept[0])
+            self.buffers.update(kept[1])
             raise
 
     def _resizable(self, name: str) -> bool:
