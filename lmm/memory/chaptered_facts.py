@@ -3,8 +3,9 @@
 Owns what consolidation (`lmm.consolidation`, issue #14) adds to the seed bank: for each statement,
 a chapter of `fact_slots` slots (keys and values of the hidden size, values zero at first, so a new
 chapter changes nothing) trained on the teacher's answers, and its gate: a route (the unit mean of
-the training questions' states, centred) and a threshold (the best cosine of any unrelated prompt the
-learner must leave alone, plus `fact_margin`). A reply reads the `fact_top_k` chapters whose route the
+the training questions' states, centred) and a threshold (the best cosine of any generic message, plus
+`fact_margin`: the unrelated prompts the learner must leave alone, the neutral calibration messages and
+the write gate's examples of what does not inform). A reply reads the `fact_top_k` chapters whose route the
 user's message passes, with the cosine taken on the same feature (the frozen model's mean state of
 the message's content tokens entering the module's layer), decided once in `before_reply`; every
 other reply reads none, so it is the seed bank's alone. The seed's top-k chapters route by the
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lmm.memory.trace_gate import content_state
+from lmm.memory.trace_gate import OTHER, content_state
 from lmm.memory.traces import CALIBRATION
 from lmm.ops import Array, Ops, Params
 from lmm.types import ModelView, RewriteContext
@@ -74,7 +75,7 @@ class FactChapters:
         if cached is None:
             if self.model is None or self.layer is None:
                 raise RuntimeError("chaptered_bank's fact chapters need the model (ChatEngine attaches it)")
-            if len(self._states) >= 256:
+            if len(self._states) >= 1024:
                 self._states.clear()
             cached = self._states[text] = content_state(self.model, self.layer, text)
         return cached
@@ -104,12 +105,15 @@ class FactChapters:
         """Open a chapter for one statement: its route from `questions`, its threshold above every
         `unrelated` prompt; score and train passes inside read it (and only it)."""
         ops, d = self.ops, self.hidden_size
-        others = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION)])
         if "fact_center" not in self.buffers:  # fixed at the first fact, so earlier routes stay valid
-            self.buffers["fact_center"] = ops.asarray(others.mean(axis=0).astype(np.float32))
+            center = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION)]).mean(axis=0)
+            self.buffers["fact_center"] = ops.asarray(center.astype(np.float32))
         center = ops.to_numpy(self.buffers["fact_center"])
         route = _unit(np.stack([self._state(q) for q in questions]).mean(axis=0) - center)
-        threshold = float((_unit(np.stack([self._state(t) for t in unrelated]) - center) @ route).max())
+        # Above every generic message at hand: the learner's unrelated prompts, the neutral calibration
+        # messages and the write gate's examples of what does not inform (questions, requests, small talk).
+        generic = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION, *OTHER)])
+        threshold = float((_unit(generic - center) @ route).max())
         i = self.fact_count
         old_route = ops.to_numpy(self.buffers["fact_route"]) if i else np.zeros((0, d), np.float32)
         old_thr = ops.to_numpy(self.buffers["fact_threshold"]) if i else np.zeros((0,), np.float32)
