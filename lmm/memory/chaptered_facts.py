@@ -102,8 +102,8 @@ class FactChapters:
     # --- a new chapter ------------------------------------------------------------------------
     @contextmanager
     def _new_fact(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
-        """Open a chapter for one statement: its route from `questions`, its threshold above every
-        `unrelated` prompt; score and train passes inside read it (and only it)."""
+        """Open a chapter for one statement: its route from `questions`, its threshold above every generic
+        message (`unrelated` among them); score and train passes inside read it (and only it)."""
         ops, d = self.ops, self.hidden_size
         if "fact_center" not in self.buffers:  # fixed at the first fact, so earlier routes stay valid
             center = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION)]).mean(axis=0)
