@@ -265,7 +265,8 @@ class Consolidator:
         """Share of the held-out guard prompts whose greedy reply (its first `drift_tokens`), generated with
         the memory the way a chat generates, differs from the frozen model's. Generated, not scored: a
         module that routes by the prefix (chaptered_bank) reads other slots while generating than in one
-        scoring pass, and a scored check missed changes that every reply showed."""
+        scoring pass, and a scored check missed changes that every reply showed. A prompt the module
+        says it leaves exactly alone (`affects`) counts as unchanged without generating."""
         n = self.config.drift_tokens
         greedy = DecodingConfig(strategy="greedy", max_tokens=n, repetition_penalty=1.0)
         held_out = self.guards()[GUARD_TRAIN:]
