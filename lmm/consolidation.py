@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any
@@ -293,6 +294,11 @@ class Consolidator:
         p = ops.exp(g.logprobs)
         return ops.mean(ops.sum(p * (g.logprobs - ops.log_softmax(logits, -1)), axis=-1))
 
+    def _captured(self, hook: MemoryHook, ex: Example) -> Array | None:
+        """The hooked layer's input states [T, d] for `ex` (one scoring pass)."""
+        self.backend.forward(ex.ids, self.backend.new_cache(), "score", keep=[len(ex.ids) - 1])
+        return hook.captured[0] if hook.captured is not None else None
+
     def _mean_answer_loss(self, examples: Sequence[Example]) -> float:
         ops = self.backend.ops
         return float(np.mean([float(ops.to_numpy(self._answer_loss(ex, "score"))) for ex in examples]))
@@ -303,10 +309,10 @@ class Consolidator:
         puts the module back as it was, when the drift check fails."""
         start = time.perf_counter()
         examples, dropped = self.examples(statement)
-        if examples:  # a routed module may open slots of its own for the statement
-            with module.consolidating([e.question for e in examples], GUARD_PROMPTS[:GUARD_TRAIN]):
-                summary = self.learn(module, hook, examples, statement=statement, restore=restore)
-        else:
+        # A routed module may open slots of its own for the statement (none without a question to train).
+        opening = (module.consolidating([e.question for e in examples], GUARD_PROMPTS[:GUARD_TRAIN])
+                   if examples else nullcontext())
+        with opening:
             summary = self.learn(module, hook, examples, statement=statement, restore=restore)
         summary.dropped = dropped
         summary.seconds = time.perf_counter() - start
@@ -324,17 +330,13 @@ class Consolidator:
         guards = self.guards()[:GUARD_TRAIN]
         summary.loss = self._mean_answer_loss(examples)
         # The states entering the module's layer come from the frozen layers below: one capture per question.
-        hiddens: dict[int, Array | None] = {}
+        hiddens = [self._captured(hook, ex) for ex in examples]
         with module.schedule(cfg.lr or None, cfg.steps or None):
             for _ in range(cfg.epochs):
-                for k, ex in enumerate(examples):
+                for ex, hidden in zip(examples, hiddens, strict=True):
                     chosen = [guards[(self._turn + j) % len(guards)] for j in range(cfg.guards_per_step)]
                     chosen = [g for g in chosen if module.affects(g.prompt)]  # the rest stay as they are
                     self._turn += cfg.guards_per_step
-                    if k not in hiddens:
-                        self.backend.forward(ex.ids, self.backend.new_cache(), "score", keep=[len(ex.ids) - 1])
-                        hiddens[k] = hook.captured[0] if hook.captured is not None else None
-                    hidden = hiddens[k]
 
                     def loss(params: Params, ex: Example = ex, chosen: list[Guard] = chosen) -> Array:
                         with module.bound(params):

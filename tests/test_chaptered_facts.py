@@ -88,6 +88,9 @@ def test_fact_chapters_survive_a_reload_and_a_rollback_drops_them(tiny_backend, 
     with pytest.raises(StateError, match="w_out"):
         loaded.load_state_tensors(broken)
     assert loaded.fact_count == 1 and "fact0.values" in loaded.params  # a failed load keeps them
+    with pytest.raises(StateError, match="fact0.values"):  # a gate without its chapter's tensors
+        loaded.load_state_tensors({k: v for k, v in saved.items() if k != "param.fact0.values"})
+    assert loaded.fact_count == 1 and "fact0.values" in loaded.params
     loaded.load_state_tensors(empty)  # what the drift check's rollback does
     assert loaded.fact_count == 0 and not any(k.startswith("fact") for k in loaded.params)
     assert loaded.opened(QUESTIONS[0]) == []

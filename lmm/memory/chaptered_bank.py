@@ -42,8 +42,6 @@ With `--consolidate`, each statement gets a gated chapter of its own instead (`f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +122,7 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 @register
-class ChapteredBank(GradientMemory, FactChapters):
+class ChapteredBank(FactChapters, GradientMemory):
     name = "chaptered_bank"
     config_cls = ChapteredBankConfig
     transient_buffers = ("route_cum",)
@@ -165,17 +163,6 @@ class ChapteredBank(GradientMemory, FactChapters):
         self._open: list[int] = []  # fact chapters the current reply reads
         self._fact: int | None = None  # the fact chapter being consolidated
         self._states: dict[str, np.ndarray] = {}
-
-    def attach(self, model: ModelView, layer: int) -> None:
-        self.model, self.layer = model, layer
-
-    def before_reply(self, messages: Sequence[dict[str, str]]) -> None:
-        self._gate_before_reply(messages)
-
-    @contextmanager
-    def consolidating(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
-        with self._new_fact(questions, unrelated):
-            yield
 
     def affects(self, text: str) -> bool:
         """False when the seed bank was never trained and no fact chapter opens for `text`."""
@@ -353,6 +340,7 @@ class ChapteredBank(GradientMemory, FactChapters):
         self._drop_facts()  # the state brings its own (or none); a failed load puts these back
         try:
             self._load_state(tensors)
+            self._check_facts()
         except StateError:
             self.params.update(kept[0])
             self.buffers.update(kept[1])

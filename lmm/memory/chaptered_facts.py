@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from lmm.memory.base import StateError
 from lmm.memory.trace_gate import OTHER, content_state
-from lmm.memory.traces import CALIBRATION
+from lmm.memory.traces import CALIBRATION, normalize
 from lmm.ops import Array, Ops, Params
 from lmm.types import ModelView, RewriteContext
 
@@ -33,12 +34,9 @@ FACT_BUFFERS = ("fact_route", "fact_threshold", "fact_center")
 EPS = 1e-6
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + EPS)
-
-
 class FactChapters:
-    """The fact-chapter half of `ChapteredBank` (which sets the attributes below)."""
+    """The fact-chapter half of `ChapteredBank` (which sets the attributes below): the module contract's
+    `attach`, `before_reply` and `consolidating` are this half's."""
 
     cfg: Any  # ChapteredBankConfig
     ops: Ops
@@ -84,7 +82,7 @@ class FactChapters:
         """Cosine of `text`'s centred state with every fact chapter's route, minus its threshold."""
         center = self.ops.to_numpy(self.buffers["fact_center"])
         route = self.ops.to_numpy(self.buffers["fact_route"])
-        cos = route @ _unit(self._state(text) - center)
+        cos = route @ normalize(self._state(text) - center)
         return cos - self.ops.to_numpy(self.buffers["fact_threshold"])
 
     def opened(self, text: str) -> list[int]:
@@ -95,13 +93,16 @@ class FactChapters:
         order = [int(i) for i in np.argsort(-margin) if margin[i] >= 0.0]
         return order[: self.cfg.fact_top_k]
 
-    def _gate_before_reply(self, messages: Sequence[dict[str, str]]) -> None:
+    def attach(self, model: ModelView, layer: int) -> None:
+        self.model, self.layer = model, layer
+
+    def before_reply(self, messages: Sequence[dict[str, str]]) -> None:
         users = [m["content"] for m in messages if m.get("role") == "user"]
         self._open = self.opened(users[-1]) if users else []
 
     # --- a new chapter ------------------------------------------------------------------------
     @contextmanager
-    def _new_fact(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
+    def consolidating(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
         """Open a chapter for one statement: its route from `questions`, its threshold above every generic
         message (`unrelated` among them); score and train passes inside read it (and only it)."""
         ops, d = self.ops, self.hidden_size
@@ -109,11 +110,11 @@ class FactChapters:
             center = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION)]).mean(axis=0)
             self.buffers["fact_center"] = ops.asarray(center.astype(np.float32))
         center = ops.to_numpy(self.buffers["fact_center"])
-        route = _unit(np.stack([self._state(q) for q in questions]).mean(axis=0) - center)
+        route = normalize(np.stack([self._state(q) for q in questions]).mean(axis=0) - center)
         # Above every generic message at hand: the learner's unrelated prompts, the neutral calibration
         # messages and the write gate's examples of what does not inform (questions, requests, small talk).
         generic = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION, *OTHER)])
-        threshold = float((_unit(generic - center) @ route).max())
+        threshold = float((normalize(generic - center) @ route).max())
         i = self.fact_count
         old_route = ops.to_numpy(self.buffers["fact_route"]) if i else np.zeros((0, d), np.float32)
         old_thr = ops.to_numpy(self.buffers["fact_threshold"]) if i else np.zeros((0,), np.float32)
@@ -140,7 +141,6 @@ class FactChapters:
             chapters = self._open
         else:
             chapters = [self._fact]
-        chapters = [i for i in chapters if f"fact{i}.keys" in self.p]
         if not chapters:
             return None
         ops, p, d = self.ops, self.p, self.hidden_size
@@ -154,6 +154,14 @@ class FactChapters:
             read = rms * (attn @ p[f"fact{i}.values"]) * self.cfg.fact_scale
             total = read if total is None else total + read
         return total
+
+    def _check_facts(self) -> None:
+        """A loaded state has the keys and values of every chapter its gates name."""
+        missing = [f"fact{i}.{f}" for i in range(self.fact_count) for f in ("keys", "values")
+                   if f"fact{i}.{f}" not in self.params]
+        if missing:
+            raise StateError(f"state is missing tensor(s) {', '.join('param.' + m for m in missing[:4])} "
+                             "for chaptered_bank's fact chapters")
 
     def fact_summary(self) -> dict[str, Any]:
         return {"fact_chapters": self.fact_count, "fact_open": list(self._open)}
