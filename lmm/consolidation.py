@@ -40,17 +40,21 @@ from lmm.ops import Array, Params
 from lmm.types import Phase
 
 # A reading task the frozen model completes: statement, question, answer. Generic examples (the
-# write gate's kind of sentences), mixing forward and reverse questions and second-person answers.
+# write gate's kind of sentences). The questions are the user's own, later, about their world: in the
+# first person where the statement is, never naming what they ask for (a question that names the answer
+# teaches a chapter to repeat the question), forward and reverse ("Who is Pepper?"), answered in the
+# second person.
 SHOTS = (
     ("The spare key is under the blue flowerpot.", "Where is the spare key?",
      "The spare key is under the blue flowerpot."),
-    ("My cousin Ignatius lives in Winnipeg.", "Who lives in Winnipeg?", "Your cousin Ignatius lives in Winnipeg."),
-    ("Our landlord is called Mr Haverford.", "What is our landlord called?", "Your landlord is called Mr Haverford."),
-    ("I started learning the accordion in September.", "Which instrument did I start learning?",
-     "You started learning the accordion in September."),
+    ("My cousin Ignatius lives in Winnipeg.", "Where does my cousin live?", "Your cousin Ignatius lives in Winnipeg."),
+    ("Our landlord is called Mr Haverford.", "What is our landlord's name?", "Your landlord is called Mr Haverford."),
+    ("I started learning the accordion in September.", "Which instrument am I learning?",
+     "You are learning the accordion; you started in September."),
     ("The book club meets on the second Tuesday of each month.", "When does the book club meet?",
      "The book club meets on the second Tuesday of each month."),
-    ("Hey, I'm Rosalind, I just joined the team.", "Who just joined the team?", "You did: you are Rosalind."),
+    ("My neighbour's dog is called Pepper.", "Who is Pepper?", "Pepper is your neighbour's dog."),
+    ("Hey, I'm Rosalind, I just joined the team.", "What is my name?", "Your name is Rosalind."),
 )
 
 # Unrelated prompts the student must answer as the frozen model does: the first GUARD_TRAIN are in the
