@@ -40,7 +40,8 @@ def numpy_params(module: ChapteredBank) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("field, value", [
     ("num_chapters", 0), ("num_slots", 10), ("top_k", 9), ("d_mem", -1), ("routing", "global"),
     ("window", 0), ("low_rank", 8), ("storage_bits", 4), ("router_scale", -1.0), ("lr", 0.0),
-    ("fact_slots", 0), ("fact_margin", 3.0), ("fact_top_k", 0), ("fact_scale", 0.0),
+    ("fact_slots", 0), ("fact_margin", 3.0), ("fact_question_margin", -2.0), ("fact_top_k", 0),
+    ("fact_scale", 0.0),
 ])
 def test_config_rejects_bad_values(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):

@@ -17,6 +17,7 @@ from lmm.consolidation import GUARD_PROMPTS, GUARD_TRAIN, ConsolidationConfig, C
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory.base import RewriteContext, StateError
 from lmm.memory.chaptered_bank import ChapteredBank
+from lmm.memory.chaptered_facts import GENERAL_QUESTIONS
 
 QUESTIONS = ["Where is the red kite kept?", "What is kept in the garden shed?"]
 ANSWER = "The red kite is in the shed."
@@ -55,6 +56,7 @@ def test_a_statement_gets_a_gated_chapter_that_other_prompts_never_read(name: st
     assert module.fact_count == 1 and set(module.params) >= {"fact0.keys", "fact0.values"}
     assert module.opened(QUESTIONS[0]) == [0]
     assert all(module.opened(t) == [] for t in GUARD_PROMPTS[:GUARD_TRAIN])  # the threshold is above them
+    assert all(module.opened(t) == [] for t in GENERAL_QUESTIONS)
     closed = [t for t in GUARD_PROMPTS[GUARD_TRAIN:] if not module.affects(t)]
     assert unrelated in closed
     assert reply(engine, unrelated) == before
@@ -121,3 +123,28 @@ def test_drift_check_generates_only_for_prompts_the_module_may_change(tiny_backe
     finally:
         be.generate = original
         engine.close()
+
+
+def test_open_chapters_are_ranked_by_cosine_not_by_margin(tiny_backend, tmp_path: Path) -> None:
+    """Chapter 0 passes its low threshold by more; chapter 1 is nearer the message: 1 is read first."""
+    be = tiny_backend("torch")
+    engine = engine_for(be, tmp_path)
+    module = engine.module
+    assert isinstance(module, ChapteredBank)
+    with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN]):
+        pass
+    with module.consolidating(QUESTIONS[:1], GUARD_PROMPTS[:GUARD_TRAIN]):
+        pass
+    center = be.ops.to_numpy(module.buffers["fact_center"])
+    feature = module._state(QUESTIONS[0]) - center
+    feature /= np.linalg.norm(feature)
+    near, far = feature, feature + 0.6 * np.roll(feature, 1)
+    route = np.stack([far / np.linalg.norm(far), near]).astype(np.float32)
+    module.buffers["fact_route"] = be.ops.asarray(route)
+    module.buffers["fact_threshold"] = be.ops.asarray(np.array([-1.0, 0.5], np.float32))
+    assert module.opened(QUESTIONS[0]) == [1]  # fact_top_k 1: only the nearer one
+    module.cfg.fact_top_k = 2
+    assert module.opened(QUESTIONS[0]) == [1, 0]
+    module.buffers["fact_threshold"] = be.ops.asarray(np.array([-1.0, 1.5], np.float32))  # control: 1 shut
+    assert module.opened(QUESTIONS[0]) == [0]
+    engine.close()

@@ -73,7 +73,8 @@ class ChapteredBankConfig(GradientConfig):
     null_logit: float = 4.0
     fact_slots: int = 4  # slots of each consolidated statement's chapter
     fact_margin: float = 0.15  # a message opens it past the best unrelated prompt's cosine by this much
-    fact_top_k: int = 2  # fact chapters one reply reads at most
+    fact_question_margin: float = 0.10  # ... and past the best general-knowledge question's by this much
+    fact_top_k: int = 1  # fact chapters one reply reads at most (in a crowded memory a second was most often wrong)
     fact_scale: float = 8.0  # what a fact chapter adds, relative to the hidden state's scale
 
     def __post_init__(self) -> None:
@@ -104,6 +105,8 @@ class ChapteredBankConfig(GradientConfig):
             raise ValueError(f"fact_slots must be >= 1, got {self.fact_slots}")
         if not -1.0 <= self.fact_margin <= 2.0:
             raise ValueError(f"fact_margin must be in [-1, 2], got {self.fact_margin}")
+        if not -1.0 <= self.fact_question_margin <= 2.0:
+            raise ValueError(f"fact_question_margin must be in [-1, 2], got {self.fact_question_margin}")
         if self.fact_top_k < 1:
             raise ValueError(f"fact_top_k must be >= 1, got {self.fact_top_k}")
         if not self.fact_scale > 0:

@@ -5,9 +5,10 @@ a chapter of `fact_slots` slots (keys and values of the hidden size, values zero
 chapter changes nothing) trained on the teacher's answers, and its gate: a route (the unit mean of
 the training questions' states, centred) and a threshold (the best cosine of any generic message, plus
 `fact_margin`: the unrelated prompts the learner must leave alone, the neutral calibration messages and
-the write gate's examples of what does not inform). A reply reads the `fact_top_k` chapters whose route the
-user's message passes, with the cosine taken on the same feature (the frozen model's mean state of
-the message's content tokens entering the module's layer), decided once in `before_reply`; every
+the write gate's examples of what does not inform; and of any general-knowledge question or sum, plus
+`fact_question_margin`). A reply reads the `fact_top_k` chapters whose gate the user's message passes,
+nearest first, with the cosine taken on the same feature (the frozen model's mean state of the
+message's content tokens entering the module's layer), decided once in `before_reply`; every
 other reply reads none, so it is the seed bank's alone. The seed's top-k chapters route by the
 running mean of every position and share one output projection, so what a statement taught them
 reached unrelated replies (docs/consolidation.md); a gate per statement keeps it to its questions.
@@ -31,6 +32,26 @@ from lmm.ops import Array, Ops, Params
 from lmm.types import ModelView, RewriteContext
 
 FACT_BUFFERS = ("fact_route", "fact_threshold", "fact_center")
+# General-knowledge questions and sums, the messages closest in form to a fact's questions ("What is
+# my PIN?" and "What is 9 squared?" differ in one word); a chapter's threshold also clears them.
+# Generic, written for the gate: none is a benchmark or development prompt.
+GENERAL_QUESTIONS = (
+    "Calculate 45 minus 18.", "What is 6 multiplied by 7?", "How much is 250 divided by 10?",
+    "What is 2 to the power of 5?", "How many days are in a leap year?", "How many centimetres are in a metre?",
+    "How many months have 31 days?", "What is the population of London?", "How old is the Eiffel Tower?",
+    "When did the Second World War end?", "How tall is Mount Everest?", "How far is the moon from the Earth?",
+    "What is the speed of sound?", "How many teeth does an adult have?", "What number comes after 99?",
+    "Convert 5 miles to kilometres.", "What is the area of a square with sides of 4?",
+    "What time zone is New York in?", "Who invented the telephone?", "What is the biggest country in the world?",
+    "Where do penguins live?", "What is the chemical formula for salt?", "How do I reset my password?",
+    "What does a dentist do?", "Which sport uses a shuttlecock?", "What is the name of our galaxy?",
+    "Who is the author of Harry Potter?", "What is the national animal of Scotland?",
+    "What is a synonym for 'big'?", "How do you spell 'rhythm'?", "What is the meaning of 'serendipity'?",
+    "Where is the Taj Mahal?", "How many languages are spoken in India?", "What year was the internet invented?",
+    "What is the average human body temperature?", "Which month has the fewest days?",
+    "What is the product of 8 and 5?", "How many zeros are in a million?", "What is the age of the oldest tree?",
+    "Name a famous scientist.",
+)
 EPS = 1e-6
 
 
@@ -78,19 +99,20 @@ class FactChapters:
             cached = self._states[text] = content_state(self.model, self.layer, text)
         return cached
 
-    def _cosines(self, text: str) -> np.ndarray:
-        """Cosine of `text`'s centred state with every fact chapter's route, minus its threshold."""
+    def _cosines(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine of `text`'s centred state with every fact chapter's route, and the chapters' thresholds."""
         center = self.ops.to_numpy(self.buffers["fact_center"])
         route = self.ops.to_numpy(self.buffers["fact_route"])
-        cos = route @ normalize(self._state(text) - center)
-        return cos - self.ops.to_numpy(self.buffers["fact_threshold"])
+        return route @ normalize(self._state(text) - center), self.ops.to_numpy(self.buffers["fact_threshold"])
 
     def opened(self, text: str) -> list[int]:
         """The fact chapters a message `text` reads: those whose gate it passes, best margin first."""
         if not self.fact_count or not text.strip():
             return []
-        margin = self._cosines(text)
-        order = [int(i) for i in np.argsort(-margin) if margin[i] >= 0.0]
+        cos, threshold = self._cosines(text)
+        # Ranked by cosine, not by margin: a chapter whose questions are far from every generic message
+        # has a low threshold and, ranked by margin, came first for other facts' questions too.
+        order = [int(i) for i in np.argsort(-cos) if cos[i] >= threshold[i]]
         return order[: self.cfg.fact_top_k]
 
     def attach(self, model: ModelView, layer: int) -> None:
@@ -114,13 +136,15 @@ class FactChapters:
         # Above every generic message at hand: the learner's unrelated prompts, the neutral calibration
         # messages and the write gate's examples of what does not inform (questions, requests, small talk).
         generic = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION, *OTHER)])
-        threshold = float((normalize(generic - center) @ route).max())
+        general = np.stack([self._state(t) for t in GENERAL_QUESTIONS])
+        threshold = max(float((normalize(generic - center) @ route).max()) + self.cfg.fact_margin,
+                        float((normalize(general - center) @ route).max()) + self.cfg.fact_question_margin)
         i = self.fact_count
         old_route = ops.to_numpy(self.buffers["fact_route"]) if i else np.zeros((0, d), np.float32)
         old_thr = ops.to_numpy(self.buffers["fact_threshold"]) if i else np.zeros((0,), np.float32)
         self.buffers["fact_route"] = ops.asarray(np.concatenate([old_route, route[None]]).astype(np.float32))
         self.buffers["fact_threshold"] = ops.asarray(
-            np.append(old_thr, threshold + self.cfg.fact_margin).astype(np.float32))
+            np.append(old_thr, threshold).astype(np.float32))
         rng = np.random.default_rng([self.seed, i])
         self.params[f"fact{i}.keys"] = ops.asarray(rng.normal(size=(self.cfg.fact_slots, d)).astype(np.float32))
         self.params[f"fact{i}.values"] = ops.zeros((self.cfg.fact_slots, d))
