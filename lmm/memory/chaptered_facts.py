@@ -106,7 +106,7 @@ class FactChapters:
         return route @ normalize(self._state(text) - center), self.ops.to_numpy(self.buffers["fact_threshold"])
 
     def opened(self, text: str) -> list[int]:
-        """The fact chapters a message `text` reads: those whose gate it passes, best margin first."""
+        """The fact chapters a message `text` reads: those whose gate it passes, nearest first."""
         if not self.fact_count or not text.strip():
             return []
         cos, threshold = self._cosines(text)
