@@ -82,9 +82,15 @@ def crowded(backend: Any, module: str, options: dict[str, Any], consolidation: d
     teach = new_engine(backend, module, options, max_tokens=12, seed=0, consolidate=True,
                        consolidation_options=consolidation)
     undone = 0
+    own: dict[str, list[int]] = {}  # the fact chapters each fact's statements opened
+    learned: dict[str, list[str]] = {}
     for fact in facts:
+        before = teach.module.summary().get("fact_chapters", 0)
         for text in fact["teach"]:
-            undone += sum(c["rolled_back"] for c in teach.ask(text).update.consolidated)
+            consolidated = teach.ask(text).update.consolidated
+            undone += sum(c["rolled_back"] for c in consolidated)
+            learned.setdefault(fact["name"], []).extend(q for c in consolidated for q, _ in c["examples"])
+        own[fact["name"]] = list(range(before, teach.module.summary().get("fact_chapters", 0)))
     path = Path(tempfile.mkdtemp()) / "memory.safetensors"
     teach.save_memory(path)
     teach.close()
@@ -96,7 +102,8 @@ def crowded(backend: Any, module: str, options: dict[str, Any], consolidation: d
         hit = recalls(answer, fact["expect"])
         recalled += hit
         print(json.dumps({"name": fact["name"], "answer": answer, "recalled": hit,
-                          "opened": ask.module.summary().get("fact_open")}), flush=True)
+                          "opened": ask.module.summary().get("fact_open"), "own": own[fact["name"]],
+                          "questions": learned[fact["name"]]}), flush=True)
     same = 0
     for prompt, plain in reference.items():
         answer = ask.respond([{"role": "user", "content": prompt}]).assistant
