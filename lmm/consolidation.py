@@ -79,6 +79,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 @dataclass
 class ConsolidationConfig:
     questions: int = 4  # questions sampled per statement (the first greedy, the others at `temperature`)
+    forward_tries: int = 4  # further samples when no kept question leaves out the statement's names and numbers
     temperature: float = 0.8
     epochs: int = 2  # passes over the questions, one module update per question and pass
     answer_tokens: int = 32
@@ -105,6 +106,8 @@ class ConsolidationConfig:
             raise ValueError(f"questions must be >= 1, got {self.questions}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.forward_tries < 0:
+            raise ValueError(f"forward_tries must be >= 0, got {self.forward_tries}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.answer_tokens < 1 or self.guard_tokens < 1:
@@ -172,6 +175,34 @@ def uses_statement(statement: str, question: str, answer: str) -> bool:
     return bool((_words(statement) - _words(question)) & _words(answer))
 
 
+def named_words(text: str) -> set[str]:
+    """The names and numbers of `text` (lower-cased): words with a digit, or capitalised past a sentence's
+    first word. What a user asks for is most often one of them; scripts without case give names none."""
+    out: set[str] = set()
+    for sentence in sentences(text):
+        for k, m in enumerate(_WORD.finditer(sentence)):
+            word = m.group()
+            if any(c.isdigit() for c in word) or (k > 0 and len(word) > 1 and word[0].isupper()):
+                out.add(word.lower())
+    return out
+
+
+def is_forward(statement: str, question: str) -> bool:
+    """A question that leaves out every name and number of the statement ("What is my niece's name?",
+    not "What is Anouk's name?"): the kind a user asks later, when they need the memory."""
+    return not (named_words(statement) & _words(question))
+
+
+# Names the few-shot examples carry; a teacher question or answer with one that the statement lacks copied
+# it from an example ("... a girl named Rosalind.", "How does my neighbour Rosalind help me?").
+_SHOT_NAMES = frozenset().union(*(named_words(" ".join(shot)) for shot in SHOTS))
+
+
+def copies_a_shot(text: str, *given: str) -> bool:
+    """`text` carries a few-shot example's name that none of `given` (the statement, the question) has."""
+    return bool((_SHOT_NAMES & _words(text)).difference(*(_words(g) for g in given)))
+
+
 class Consolidator:
     """Consolidates statements into the gradient module of one backend (its frozen model teaches)."""
 
@@ -209,17 +240,26 @@ class Consolidator:
         # One shot order: every generation shares the few-shot head, which the session cache then reuses.
         head = "".join(f"Statement: {s}\nQuestion: {q}\nAnswer: {a}\n\n" for s, q, a in SHOTS)
         with self.backend.frozen():
-            for k in range(cfg.questions):
+            for k in range(cfg.questions + cfg.forward_tries):
+                # Past `questions`, sample on only while no kept question is forward, and keep only forward
+                # ones: a statement whose questions all name the answer gave its chapter no route from the
+                # question a user asks ("What is Priya's name?" and no "What is my sister's name?").
+                extra = k >= cfg.questions
+                if extra and any(is_forward(statement, e.question) for e in kept):
+                    break
                 ask = DecodingConfig(strategy="greedy" if k == 0 else "sample", temperature=cfg.temperature,
                                      max_tokens=cfg.answer_tokens, seed=cfg.seed + k, repetition_penalty=1.0)
                 question = self._complete(f"{head}Statement: {statement}\nQuestion:", ask)
                 if not question.endswith("?") or question.lower() in seen:
                     continue
                 seen.add(question.lower())
+                if (extra and not is_forward(statement, question)) or copies_a_shot(question, statement):
+                    continue
                 answer = self._complete(f"{head}Statement: {statement}\nQuestion: {question}\nAnswer:",
                                         DecodingConfig(strategy="greedy", max_tokens=cfg.answer_tokens,
                                                        repetition_penalty=1.0))
-                if not answer or not uses_statement(statement, question, answer):
+                if (not answer or not uses_statement(statement, question, answer)
+                        or copies_a_shot(answer, statement, question)):
                     dropped.append((question, answer))
                     continue
                 kept.append(self.example(question, answer))
@@ -314,7 +354,8 @@ class Consolidator:
         start = time.perf_counter()
         examples, dropped = self.examples(statement)
         # A routed module may open slots of its own for the statement (none without a question to train).
-        opening = (module.consolidating([e.question for e in examples], GUARD_PROMPTS[:GUARD_TRAIN])
+        opening = (module.consolidating([e.question for e in examples], GUARD_PROMPTS[:GUARD_TRAIN],
+                                         statement=statement)
                    if examples else nullcontext())
         with opening:
             summary = self.learn(module, hook, examples, statement=statement, restore=restore)

@@ -148,3 +148,20 @@ def test_open_chapters_are_ranked_by_cosine_not_by_margin(tiny_backend, tmp_path
     module.buffers["fact_threshold"] = be.ops.asarray(np.array([-1.0, 1.5], np.float32))  # control: 1 shut
     assert module.opened(QUESTIONS[0]) == [0]
     engine.close()
+
+
+def test_the_statement_counts_as_one_more_question_in_the_route(tiny_backend, tmp_path: Path) -> None:
+    be = tiny_backend("torch")
+    engine = engine_for(be, tmp_path)
+    module = engine.module
+    assert isinstance(module, ChapteredBank)
+    with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN], statement=ANSWER):
+        pass
+    with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN]):  # control: no statement given
+        pass
+    center = be.ops.to_numpy(module.buffers["fact_center"])
+    routes = be.ops.to_numpy(module.buffers["fact_route"])
+    expected = np.mean([module._state(t) for t in (*QUESTIONS, ANSWER)], axis=0) - center
+    np.testing.assert_allclose(routes[0], expected / np.linalg.norm(expected), atol=1e-5)
+    assert not np.allclose(routes[0], routes[1], atol=1e-3)
+    engine.close()

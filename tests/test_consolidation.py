@@ -13,7 +13,14 @@ import pytest
 from lmm.backends import DecodingConfig
 from lmm.bench.runner import select_modules
 from lmm.commands import run_command
-from lmm.consolidation import ConsolidationConfig, Consolidator, uses_statement
+from lmm.consolidation import (
+    ConsolidationConfig,
+    Consolidator,
+    copies_a_shot,
+    is_forward,
+    named_words,
+    uses_statement,
+)
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory import get_memory_spec, memory_names
 from lmm.memory.base import GradientMemory
@@ -80,8 +87,26 @@ def test_answers_must_use_the_statement() -> None:
     assert not uses_statement(statement, "Who lives in Bergen?", "Someone lives in Bergen.")
 
 
-@pytest.mark.parametrize("field,value", [("questions", 0), ("epochs", 0), ("max_drift", 1.5), ("lr", -1.0),
-                                         ("guard_weight", -0.1), ("temperature", 0.0), ("drift_tokens", 99)])
+def test_forward_questions_leave_out_the_statements_names_and_numbers() -> None:
+    statement = "Hi! My niece is named Anouk and her locker is 417."
+    assert named_words(statement) == {"anouk", "417"}  # "Hi" and "My" open their sentences
+    assert is_forward(statement, "What is my niece's name?")
+    assert not is_forward(statement, "What is Anouk's name?")
+    assert not is_forward(statement, "Which locker is 417?")
+    assert is_forward("I love badminton.", "Which sport do I play?")  # nothing named: every question is
+
+
+def test_answers_that_copy_a_few_shot_name_are_caught() -> None:
+    statement = "My favourite film is Spirited Away."
+    assert copies_a_shot("It is about a girl named Rosalind.", statement, "What is my favourite film?")
+    assert copies_a_shot("Does my neighbour Rosalind like it?", statement)
+    assert not copies_a_shot("Your favourite film is Spirited Away.", statement, "What is my favourite film?")
+    assert not copies_a_shot("Your name is Rosalind.", "I'm Rosalind.", "What is my name?")  # the user's own
+
+
+@pytest.mark.parametrize("field,value", [("questions", 0), ("forward_tries", -1), ("epochs", 0),
+                                         ("max_drift", 1.5), ("lr", -1.0), ("guard_weight", -0.1),
+                                         ("temperature", 0.0), ("drift_tokens", 99)])
 def test_config_names_the_bad_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         ConsolidationConfig(**{field: value})

@@ -316,10 +316,12 @@ class GradientMemory(MemoryModule):
         return dict(self.params)
 
     @contextmanager
-    def consolidating(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
-        """One statement's consolidation runs inside, with the questions it trains on and prompts whose
-        replies it must leave alone. A module whose structure routes may give the statement slots of
-        its own here (chaptered_bank's fact chapters); the default trains what `trainable` picks."""
+    def consolidating(self, questions: Sequence[str], unrelated: Sequence[str], *,
+                      statement: str = "") -> Iterator[None]:
+        """One statement's consolidation runs inside, with the questions it trains on, prompts whose
+        replies it must leave alone, and the statement itself. A module whose structure routes may give
+        the statement slots of its own here (chaptered_bank's fact chapters); the default trains what
+        `trainable` picks."""
         yield
 
     def affects(self, text: str) -> bool:

@@ -1,17 +1,17 @@
 """`chaptered_bank`'s fact chapters: one small chapter per consolidated statement, opened by a gate.
 
-Owns what consolidation (`lmm.consolidation`, issue #14) adds to the seed bank: for each statement,
-a chapter of `fact_slots` slots (keys and values of the hidden size, values zero at first, so a new
-chapter changes nothing) trained on the teacher's answers, and its gate: a route (the unit mean of
-the training questions' states, centred) and a threshold (the best cosine of any generic message, plus
-`fact_margin`: the unrelated prompts the learner must leave alone, the neutral calibration messages and
-the write gate's examples of what does not inform; and of any general-knowledge question or sum, plus
-`fact_question_margin`). A reply reads the `fact_top_k` chapters whose gate the user's message passes,
-nearest first, with the cosine taken on the same feature (the frozen model's mean state of the
-message's content tokens entering the module's layer), decided once in `before_reply`; every
-other reply reads none, so it is the seed bank's alone. The seed's top-k chapters route by the
-running mean of every position and share one output projection, so what a statement taught them
-reached unrelated replies (docs/consolidation.md); a gate per statement keeps it to its questions.
+Owns what consolidation (`lmm.consolidation`, issue #14) adds to the seed bank: for each statement, a
+chapter of `fact_slots` slots (keys and values of the hidden size, values zero at first, so a new
+chapter changes nothing) trained on the teacher's answers, and its gate: a route (the unit mean of the
+training questions' and the statement's states, centred) and a threshold (the best cosine of any generic
+message, plus `fact_margin`: the unrelated prompts the learner must leave alone, the neutral calibration
+messages and the write gate's examples of what does not inform; and of any general-knowledge question or
+sum, plus `fact_question_margin`). A reply reads the `fact_top_k` chapters whose gate the user's message
+passes, nearest first, with the cosine taken on the same feature (the frozen model's mean state of the
+message's content tokens entering the module's layer), decided once in `before_reply`; every other reply
+reads none, so it is the seed bank's alone. The seed's top-k chapters route by the running mean of every
+position and share one output projection, so what a statement taught them reached unrelated replies
+(docs/consolidation.md); a gate per statement keeps it to its questions.
 
 Without `--consolidate` no fact chapter exists and the module is the seed's, unchanged. It owns no
 learner (the consolidator drives `consolidating`) and no seed routing (`chaptered_bank`).
@@ -124,15 +124,20 @@ class FactChapters:
 
     # --- a new chapter ------------------------------------------------------------------------
     @contextmanager
-    def consolidating(self, questions: Sequence[str], unrelated: Sequence[str]) -> Iterator[None]:
-        """Open a chapter for one statement: its route from `questions`, its threshold above every generic
-        message (`unrelated` among them); score and train passes inside read it (and only it)."""
+    def consolidating(self, questions: Sequence[str], unrelated: Sequence[str], *,
+                      statement: str = "") -> Iterator[None]:
+        """Open a chapter for one statement: its route from `questions` and the statement, its threshold
+        above every generic message (`unrelated` among them); score and train passes inside read it (and
+        only it)."""
         ops, d = self.ops, self.hidden_size
         if "fact_center" not in self.buffers:  # fixed at the first fact, so earlier routes stay valid
             center = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION)]).mean(axis=0)
             self.buffers["fact_center"] = ops.asarray(center.astype(np.float32))
         center = ops.to_numpy(self.buffers["fact_center"])
-        route = normalize(np.stack([self._state(q) for q in questions]).mean(axis=0) - center)
+        # The statement counts as one more question: the teacher's questions are often odd ("What does I
+        # support?"), and the statement carries the words a user's question shares (dev gates: 15 -> 20 own).
+        texts = [*questions, statement] if statement.strip() else list(questions)
+        route = normalize(np.stack([self._state(t) for t in texts]).mean(axis=0) - center)
         # Above every generic message at hand: the learner's unrelated prompts, the neutral calibration
         # messages and the write gate's examples of what does not inform (questions, requests, small talk).
         generic = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION, *OTHER)])
