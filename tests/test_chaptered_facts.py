@@ -125,16 +125,21 @@ def test_drift_check_generates_only_for_prompts_the_module_may_change(tiny_backe
         engine.close()
 
 
+def empty_chapters(engine: ChatEngine, *chapters: tuple[list[str], str]) -> ChapteredBank:
+    """Fact chapters opened for (questions, statement) pairs and left untrained: their gates only."""
+    module = engine.module
+    assert isinstance(module, ChapteredBank)
+    for questions, statement in chapters:
+        with module.consolidating(questions, GUARD_PROMPTS[:GUARD_TRAIN], statement=statement):
+            pass
+    return module
+
+
 def test_open_chapters_are_ranked_by_cosine_not_by_margin(tiny_backend, tmp_path: Path) -> None:
     """Chapter 0 passes its low threshold by more; chapter 1 is nearer the message: 1 is read first."""
     be = tiny_backend("torch")
     engine = engine_for(be, tmp_path)
-    module = engine.module
-    assert isinstance(module, ChapteredBank)
-    with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN]):
-        pass
-    with module.consolidating(QUESTIONS[:1], GUARD_PROMPTS[:GUARD_TRAIN]):
-        pass
+    module = empty_chapters(engine, (QUESTIONS, ""), (QUESTIONS[:1], ""))
     center = be.ops.to_numpy(module.buffers["fact_center"])
     feature = module._state(QUESTIONS[0]) - center
     feature /= np.linalg.norm(feature)
@@ -153,12 +158,7 @@ def test_open_chapters_are_ranked_by_cosine_not_by_margin(tiny_backend, tmp_path
 def test_the_statement_counts_as_one_more_question_in_the_route(tiny_backend, tmp_path: Path) -> None:
     be = tiny_backend("torch")
     engine = engine_for(be, tmp_path)
-    module = engine.module
-    assert isinstance(module, ChapteredBank)
-    with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN], statement=ANSWER):
-        pass
-    with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN]):  # control: no statement given
-        pass
+    module = empty_chapters(engine, (QUESTIONS, ANSWER), (QUESTIONS, ""))  # control: no statement given
     center = be.ops.to_numpy(module.buffers["fact_center"])
     routes = be.ops.to_numpy(module.buffers["fact_route"])
     expected = np.mean([module._state(t) for t in (*QUESTIONS, ANSWER)], axis=0) - center
