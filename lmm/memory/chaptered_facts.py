@@ -99,6 +99,20 @@ class FactChapters:
             cached = self._states[text] = content_state(self.model, self.layer, text)
         return cached
 
+    def _references(self, unrelated: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The states of the generic messages (`unrelated`, the calibration messages, then the write gate's
+        examples of what does not inform) and of the general questions: the same for every chapter, so
+        taken once per loaded model rather than through `_state`'s cache, which a long chat empties."""
+        if self.model is None or self.layer is None:
+            raise RuntimeError("chaptered_bank's fact chapters need the model (ChatEngine attaches it)")
+        model, layer = self.model, self.layer
+
+        def states(texts: Sequence[str]) -> np.ndarray:
+            return np.stack([content_state(model, layer, t) for t in texts])
+
+        key = ("chaptered_facts.references", layer, tuple(unrelated))
+        return model.memo(key, lambda: (states((*unrelated, *CALIBRATION, *OTHER)), states(GENERAL_QUESTIONS)))
+
     def _cosines(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Cosine of `text`'s centred state with every fact chapter's route, and the chapters' thresholds."""
         center = self.ops.to_numpy(self.buffers["fact_center"])
@@ -130,8 +144,9 @@ class FactChapters:
         above every generic message (`unrelated` among them); score and train passes inside read it (and
         only it)."""
         ops, d = self.ops, self.hidden_size
+        generic, general = self._references(unrelated)
         if "fact_center" not in self.buffers:  # fixed at the first fact, so earlier routes stay valid
-            center = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION)]).mean(axis=0)
+            center = generic[: len(unrelated) + len(CALIBRATION)].mean(axis=0)  # the unrelated and calibration rows
             self.buffers["fact_center"] = ops.asarray(center.astype(np.float32))
         center = ops.to_numpy(self.buffers["fact_center"])
         # The statement counts as one more question: the teacher's questions are often odd ("What does I
@@ -140,8 +155,6 @@ class FactChapters:
         route = normalize(np.stack([self._state(t) for t in texts]).mean(axis=0) - center)
         # Above every generic message at hand: the learner's unrelated prompts, the neutral calibration
         # messages and the write gate's examples of what does not inform (questions, requests, small talk).
-        generic = np.stack([self._state(t) for t in (*unrelated, *CALIBRATION, *OTHER)])
-        general = np.stack([self._state(t) for t in GENERAL_QUESTIONS])
         threshold = max(float((normalize(generic - center) @ route).max()) + self.cfg.fact_margin,
                         float((normalize(general - center) @ route).max()) + self.cfg.fact_question_margin)
         i = self.fact_count
