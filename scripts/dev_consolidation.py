@@ -64,7 +64,7 @@ def main() -> None:
         ask.load_memory(path)
         answer = ask.respond([{"role": "user", "content": fact["query"]}]).assistant
         hit = recalls(answer, fact["expect"])
-        opened = ask.module.summary().get("fact_open")  # chaptered_bank: the fact chapters the question read
+        opened = ask.module.summary().get("facts_open")  # the facts the question read (modules with fact gates)
         prompts = [unrelated[(k * UNRELATED_PER_FACT + j) % len(unrelated)] for j in range(UNRELATED_PER_FACT)]
         kept = sum(ask.respond([{"role": "user", "content": q}]).assistant == reference[q] for q in prompts)
         ask.close()
@@ -85,12 +85,12 @@ def crowded(backend: Any, module: str, options: dict[str, Any], consolidation: d
     own: dict[str, list[int]] = {}  # the fact chapters each fact's statements opened
     learned: dict[str, list[str]] = {}
     for fact in facts:
-        before = teach.module.summary().get("fact_chapters", 0)
+        before = teach.module.summary().get("facts", 0)
         for text in fact["teach"]:
             consolidated = teach.ask(text).update.consolidated
             undone += sum(c["rolled_back"] for c in consolidated)
             learned.setdefault(fact["name"], []).extend(q for c in consolidated for q, _ in c["examples"])
-        own[fact["name"]] = list(range(before, teach.module.summary().get("fact_chapters", 0)))
+        own[fact["name"]] = list(range(before, teach.module.summary().get("facts", 0)))
     path = Path(tempfile.mkdtemp()) / "memory.safetensors"
     teach.save_memory(path)
     teach.close()
@@ -102,7 +102,7 @@ def crowded(backend: Any, module: str, options: dict[str, Any], consolidation: d
         hit = recalls(answer, fact["expect"])
         recalled += hit
         print(json.dumps({"name": fact["name"], "answer": answer, "recalled": hit,
-                          "opened": ask.module.summary().get("fact_open"), "own": own[fact["name"]],
+                          "opened": ask.module.summary().get("facts_open"), "own": own[fact["name"]],
                           "questions": learned[fact["name"]]}), flush=True)
     same = 0
     for prompt, plain in reference.items():
@@ -110,7 +110,7 @@ def crowded(backend: Any, module: str, options: dict[str, Any], consolidation: d
         same += answer == plain
         if answer != plain:
             print(json.dumps({"changed": prompt, "answer": answer, "plain": plain,
-                              "opened": ask.module.summary().get("fact_open")}), flush=True)
+                              "opened": ask.module.summary().get("facts_open")}), flush=True)
     ask.close()
     print(f"crowded: recall {recalled}/{len(facts)}, unrelated identical {same}/{len(reference)}, undone {undone}")
 

@@ -37,7 +37,7 @@ Options: `low_rank` r > 0 stores each chapter's values as A_c B_c^T ([S, r] x [d
 i.e. <= 0.4 % of its row's largest entry; the running module keeps float32 until reloaded.
 Chapter usage (positions routed at inference, updates per chapter) is saved and reported.
 With `--consolidate`, each statement gets a gated chapter of its own instead (`fact_*` options,
-`lmm.memory.chaptered_facts`). It owns no token selection (`lmm.memory.base`) and no model code.
+`lmm.memory.fact_gate`). It owns no token selection (`lmm.memory.base`) and no model code.
 """
 
 from __future__ import annotations
@@ -47,18 +47,17 @@ from typing import Any
 
 import numpy as np
 
-from lmm.memory.base import GradientConfig, GradientMemory, LearnBatch, RewriteContext, StateError
-from lmm.memory.chaptered_facts import FACT_BUFFERS, FactChapters
+from lmm.memory.base import GradientMemory, LearnBatch, MemoryModule, RewriteContext, StateError
+from lmm.memory.fact_gate import FactGate, FactGateConfig
 from lmm.memory.registry import register
 from lmm.ops import Array, Ops, Params
-from lmm.types import ModelView
 
 ROUTINGS = ("sequence", "rolling", "token")
 EPS = 1e-6
 
 
 @dataclass
-class ChapteredBankConfig(GradientConfig):
+class ChapteredBankConfig(FactGateConfig):
     lr: float = 1e-2
     steps: int = 3
     num_slots: int = 64
@@ -72,9 +71,6 @@ class ChapteredBankConfig(GradientConfig):
     router_scale: float = 4.0
     null_logit: float = 4.0
     fact_slots: int = 4  # slots of each consolidated statement's chapter
-    fact_margin: float = 0.15  # a message opens it past the best unrelated prompt's cosine by this much
-    fact_question_margin: float = 0.10  # ... and past the best general-knowledge question's by this much
-    fact_top_k: int = 1  # fact chapters one reply reads at most (in a crowded memory a second was most often wrong)
     fact_scale: float = 8.0  # what a fact chapter adds, relative to the hidden state's scale
 
     def __post_init__(self) -> None:
@@ -103,12 +99,6 @@ class ChapteredBankConfig(GradientConfig):
             raise ValueError(f"null_logit must be finite, got {self.null_logit}")
         if self.fact_slots < 1:
             raise ValueError(f"fact_slots must be >= 1, got {self.fact_slots}")
-        if not -1.0 <= self.fact_margin <= 2.0:
-            raise ValueError(f"fact_margin must be in [-1, 2], got {self.fact_margin}")
-        if not -1.0 <= self.fact_question_margin <= 2.0:
-            raise ValueError(f"fact_question_margin must be in [-1, 2], got {self.fact_question_margin}")
-        if self.fact_top_k < 1:
-            raise ValueError(f"fact_top_k must be >= 1, got {self.fact_top_k}")
         if not self.fact_scale > 0:
             raise ValueError(f"fact_scale must be > 0, got {self.fact_scale}")
 
@@ -125,11 +115,12 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 @register
-class ChapteredBank(FactChapters, GradientMemory):
+class ChapteredBank(FactGate, GradientMemory):
     name = "chaptered_bank"
     config_cls = ChapteredBankConfig
     transient_buffers = ("route_cum",)
     chapter_fields: tuple[str, ...]
+    fact_fields = ("keys", "values")
 
     def __init__(self, config: ChapteredBankConfig, *, hidden_size: int, ops: Ops, seed: int) -> None:
         super().__init__(config, hidden_size=hidden_size, ops=ops, seed=seed)
@@ -161,16 +152,33 @@ class ChapteredBank(FactChapters, GradientMemory):
         self.buffers["usage_update"] = ops.zeros((c,))
         self._train_chapters: list[int] | None = None
         self._loading_plain = False
-        self.model: ModelView | None = None
-        self.layer: int | None = None
-        self._open: list[int] = []  # fact chapters the current reply reads
-        self._fact: int | None = None  # the fact chapter being consolidated
-        self._states: dict[str, np.ndarray] = {}
+        self.init_facts()
 
-    def affects(self, text: str) -> bool:
-        """False when the seed bank was never trained and no fact chapter opens for `text`."""
-        trained = bool(np.any(self.ops.to_numpy(self.params["w_out"])))
-        return trained or bool(self.opened(text))
+    # --- fact chapters (`--consolidate`: one per statement, opened by its gate, `lmm.memory.fact_gate`) ---
+    def seed_trained(self) -> bool:
+        return bool(np.any(self.ops.to_numpy(self.params["w_out"])))
+
+    def new_fact(self, i: int, rng: np.random.Generator) -> Params:
+        """A chapter of `fact_slots` slots; its values start at zero, so it changes nothing untrained."""
+        keys = rng.normal(size=(self.cfg.fact_slots, self.hidden_size)).astype(np.float32)
+        return {f"fact{i}.keys": self.ops.asarray(keys), f"fact{i}.values": self.ops.zeros(keys.shape)}
+
+    def _fact_read(self, x: Array, rms: Array, ctx: RewriteContext) -> Array | None:
+        """What the open fact chapters add to hidden states `x` [B, T, d] (None: none open)."""
+        chapters = self.facts_read(ctx)
+        if not chapters:
+            return None
+        ops, p, d = self.ops, self.p, self.hidden_size
+        q = x - self.buffers["fact_center"]
+        q = q * (float(np.sqrt(d)) / (ops.norm(q, axis=-1, keepdims=True) + EPS))
+        b, t, _ = x.shape
+        total = None
+        for i in chapters:
+            logits = q @ ops.swapaxes(p[f"fact{i}.keys"], 0, 1) / float(np.sqrt(d))  # [B, T, S]
+            attn = ops.softmax(ops.concat([logits, ops.zeros((b, t, 1))], axis=-1), axis=-1)[..., :-1]
+            read = rms * (attn @ p[f"fact{i}.values"]) * self.cfg.fact_scale
+            total = read if total is None else total + read
+        return total
 
     # --- routing ---------------------------------------------------------------------------
     def _pooled(self, u: Array, ctx: RewriteContext) -> tuple[Array, Array | None]:
@@ -283,7 +291,7 @@ class ChapteredBank(FactChapters, GradientMemory):
 
     def trainable(self, batch: LearnBatch) -> Params:
         if self._fact is not None:  # a statement's consolidation trains its own chapter only
-            return self._fact_trainable()
+            return self.fact_trainable()
         if batch.hidden is None:
             raise ValueError("chaptered_bank needs the message's hidden states (batch.hidden) to route")
         chapters = self.route_message(batch.hidden)
@@ -338,23 +346,9 @@ class ChapteredBank(FactChapters, GradientMemory):
                 out[key] = value
         return out
 
-    def load_state_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        kept = [{n: v for n, v in store.items() if self._is_fact_tensor(n)} for store in (self.params, self.buffers)]
-        self._drop_facts()  # the state brings its own (or none); a failed load puts these back
-        try:
-            self._load_state(tensors)
-            self._check_facts()
-        except StateError:
-            self.params.update(kept[0])
-            self.buffers.update(kept[1])
-            raise
-
-    def _resizable(self, name: str) -> bool:
-        return name in FACT_BUFFERS
-
-    def _load_state(self, tensors: dict[str, np.ndarray]) -> None:
+    def load_module_state(self, tensors: dict[str, np.ndarray]) -> None:
         if self.cfg.storage_bits == 32:
-            super().load_state_tensors(tensors)
+            MemoryModule.load_state_tensors(self, tensors)
             return
         expected = set(self.state_tensors())
         missing = sorted(expected - set(tensors))
@@ -373,7 +367,7 @@ class ChapteredBank(FactChapters, GradientMemory):
                 plain[key] = value
         self._loading_plain = True
         try:
-            super().load_state_tensors(plain)
+            MemoryModule.load_state_tensors(self, plain)
         finally:
             self._loading_plain = False
 

@@ -1,8 +1,9 @@
-"""chaptered_bank's fact chapters (`lmm.memory.chaptered_facts`) on the tiny models, both backends: a
-consolidated statement gets a gated chapter of its own; a prompt that does not pass its gate gets the
-plain model's reply exactly (with a positive control: the same prompt with the chapter forced open
-changes); the chapters survive a save and load, a rollback drops them, a failed load keeps them; the
-drift check does not generate for prompts the module leaves alone."""
+"""Fact gates (`lmm.memory.fact_gate`) on the tiny models, for every module that has them (chaptered_bank's
+chapters, lora_on_user's corrections), both backends: a consolidated statement gets gated parameters of
+its own; a prompt that does not pass its gate gets the plain model's reply exactly (with a positive
+control: the same prompt with the fact forced open changes); the facts survive a save and load, a
+rollback drops them, a failed load keeps them; the drift check does not generate for prompts the module
+leaves alone."""
 
 from __future__ import annotations
 
@@ -17,21 +18,23 @@ from lmm.consolidation import GUARD_PROMPTS, GUARD_TRAIN, ConsolidationConfig, C
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory.base import RewriteContext, StateError
 from lmm.memory.chaptered_bank import ChapteredBank
-from lmm.memory.chaptered_facts import GENERAL_QUESTIONS
+from lmm.memory.fact_gate import GENERAL_QUESTIONS, FactGate
 
 QUESTIONS = ["Where is the red kite kept?", "What is kept in the garden shed?"]
 ANSWER = "The red kite is in the shed."
+# each gated module, and the seed parameter whose update makes the module change any reply
+GATED = {"chaptered_bank": "w_out", "lora_on_user": "B"}
 FAST = dict(lr=0.05, steps=3, epochs=2, guards_per_step=1, guard_tokens=4, drift_tokens=4, max_drift=1.0)
 
 
-def engine_for(be: Any, tmp_path: Path) -> ChatEngine:
-    return ChatEngine(EngineConfig(memory="chaptered_bank", activation_log_path=tmp_path / "log.jsonl",
+def engine_for(be: Any, tmp_path: Path, memory: str = "chaptered_bank") -> ChatEngine:
+    return ChatEngine(EngineConfig(memory=memory, activation_log_path=tmp_path / "log.jsonl",
                                    background_updates=False, decoding=DecodingConfig(max_tokens=6)), backend=be)
 
 
-def consolidated(engine: ChatEngine) -> ChapteredBank:
+def consolidated(engine: ChatEngine) -> Any:
     module = engine.module
-    assert isinstance(module, ChapteredBank)
+    assert isinstance(module, FactGate)
     teacher = Consolidator(engine.backend, ConsolidationConfig(**FAST))
     with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN]):
         summary = teacher.learn(module, engine.hook, [teacher.example(q, ANSWER) for q in QUESTIONS])
@@ -43,25 +46,26 @@ def reply(engine: ChatEngine, text: str) -> str:
     return engine.respond([{"role": "user", "content": text}]).assistant
 
 
+@pytest.mark.parametrize("memory", GATED)
 @pytest.mark.parametrize("name", ["torch", pytest.param("mlx_lm", marks=pytest.mark.mlx)])
-def test_a_statement_gets_a_gated_chapter_that_other_prompts_never_read(name: str, tiny_backend,
-                                                                        tmp_path: Path) -> None:
+def test_a_statement_gets_a_gated_fact_that_other_prompts_never_read(name: str, memory: str, tiny_backend,
+                                                                     tmp_path: Path) -> None:
     be = tiny_backend(name)
-    plain = engine_for(be, tmp_path)
+    plain = engine_for(be, tmp_path, memory)
     unrelated = GUARD_PROMPTS[GUARD_TRAIN]  # held out: not used to set the threshold
     before = reply(plain, unrelated)
     plain.close()
-    engine = engine_for(be, tmp_path)
+    engine = engine_for(be, tmp_path, memory)
     module = consolidated(engine)
-    assert module.fact_count == 1 and set(module.params) >= {"fact0.keys", "fact0.values"}
+    assert module.fact_count == 1 and set(module.params) >= {f"fact0.{f}" for f in module.fact_fields}
     assert module.opened(QUESTIONS[0]) == [0]
     assert all(module.opened(t) == [] for t in GUARD_PROMPTS[:GUARD_TRAIN])  # the threshold is above them
     assert all(module.opened(t) == [] for t in GENERAL_QUESTIONS)
     closed = [t for t in GUARD_PROMPTS[GUARD_TRAIN:] if not module.affects(t)]
     assert unrelated in closed
     assert reply(engine, unrelated) == before
-    assert module.summary()["fact_chapters"] == 1
-    # positive control: the chapter forced open changes the hidden states it was trained to change
+    assert module.summary()["facts"] == 1
+    # positive control: the fact forced open changes the hidden states it was trained to change
     x = be.ops.asarray(np.random.default_rng(0).normal(0, 2, size=(1, 5, be.hidden_size)).astype(np.float32))
     module._open = [0]
     opened = be.ops.to_numpy(module.rewrite(x, RewriteContext(phase="generate", offset=0)))
@@ -71,37 +75,40 @@ def test_a_statement_gets_a_gated_chapter_that_other_prompts_never_read(name: st
     engine.close()
 
 
-def test_fact_chapters_survive_a_reload_and_a_rollback_drops_them(tiny_backend, tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", GATED)
+def test_facts_survive_a_reload_and_a_rollback_drops_them(memory: str, tiny_backend, tmp_path: Path) -> None:
     be = tiny_backend("torch")
-    engine = engine_for(be, tmp_path)
+    engine = engine_for(be, tmp_path, memory)
     empty = {k: np.array(v, copy=True) for k, v in engine.module.state_tensors().items()}
     module = consolidated(engine)
     path = tmp_path / "m.safetensors"
     engine.save_memory(path)
     saved = {k: np.array(v, copy=True) for k, v in module.state_tensors().items()}
     engine.close()
-    again = engine_for(be, tmp_path)
+    again = engine_for(be, tmp_path, memory)
     again.load_memory(path)
     loaded = again.module
-    assert isinstance(loaded, ChapteredBank) and loaded.fact_count == 1
+    assert isinstance(loaded, type(module)) and loaded.fact_count == 1
     assert all(np.array_equal(saved[k], v) for k, v in loaded.state_tensors().items())
     assert loaded.opened(QUESTIONS[0]) == [0]
-    broken = {k: v for k, v in saved.items() if k != "param.w_out"}
-    with pytest.raises(StateError, match="w_out"):
-        loaded.load_state_tensors(broken)
-    assert loaded.fact_count == 1 and "fact0.values" in loaded.params  # a failed load keeps them
-    with pytest.raises(StateError, match="fact0.values"):  # a gate without its chapter's tensors
-        loaded.load_state_tensors({k: v for k, v in saved.items() if k != "param.fact0.values"})
-    assert loaded.fact_count == 1 and "fact0.values" in loaded.params
+    seed, last = GATED[memory], f"fact0.{module.fact_fields[-1]}"
+    with pytest.raises(StateError, match=seed):
+        loaded.load_state_tensors({k: v for k, v in saved.items() if k != f"param.{seed}"})
+    assert loaded.fact_count == 1 and last in loaded.params  # a failed load keeps them
+    with pytest.raises(StateError, match=last):  # a gate without its fact's tensors
+        loaded.load_state_tensors({k: v for k, v in saved.items() if k != f"param.{last}"})
+    assert loaded.fact_count == 1 and last in loaded.params
     loaded.load_state_tensors(empty)  # what the drift check's rollback does
     assert loaded.fact_count == 0 and not any(k.startswith("fact") for k in loaded.params)
     assert loaded.opened(QUESTIONS[0]) == []
     again.close()
 
 
-def test_drift_check_generates_only_for_prompts_the_module_may_change(tiny_backend, tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", GATED)
+def test_drift_check_generates_only_for_prompts_the_module_may_change(memory: str, tiny_backend,
+                                                                      tmp_path: Path) -> None:
     be = tiny_backend("torch")
-    engine = engine_for(be, tmp_path)
+    engine = engine_for(be, tmp_path, memory)
     module = consolidated(engine)
     teacher = Consolidator(be, ConsolidationConfig(**FAST))
     teacher.guards()
@@ -117,7 +124,8 @@ def test_drift_check_generates_only_for_prompts_the_module_may_change(tiny_backe
         skipped = teacher.drift(module)
         assert skipped == 0.0 and len(calls) == sum(module.affects(t) for t in GUARD_PROMPTS[GUARD_TRAIN:])
         calls.clear()
-        module.params["w_out"] = be.ops.zeros(tuple(module.params["w_out"].shape)) + 1.0  # positive control
+        seed = GATED[memory]  # positive control: the seed's update ran, so any reply may change
+        module.params[seed] = be.ops.zeros(tuple(module.params[seed].shape)) + 1.0
         teacher.drift(module)
         assert len(calls) == len(GUARD_PROMPTS) - GUARD_TRAIN
     finally:
