@@ -1,8 +1,8 @@
 """Fact gates (`lmm.memory.fact_gate`) on the tiny models, for every module that has them (chaptered_bank's
-chapters, lora_on_user's corrections), both backends: a consolidated statement gets gated parameters of
-its own; a prompt that does not pass its gate gets the plain model's reply exactly (with a positive
-control: the same prompt with the fact forced open changes); the facts survive a save and load, a
-rollback drops them, a failed load keeps them; the drift check does not generate for prompts the module
+chapters, lora_on_user's corrections, hash_gradient's tables), both backends: a consolidated statement gets
+gated parameters of its own; a prompt that does not pass its gate gets the plain model's reply exactly (with
+a positive control: the same prompt with the fact forced open changes); the facts survive a save and load,
+a rollback drops them, a failed load keeps them; the drift check does not generate for prompts the module
 leaves alone."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from lmm.memory.fact_gate import GENERAL_QUESTIONS, FactGate
 
 QUESTIONS = ["Where is the red kite kept?", "What is kept in the garden shed?"]
 ANSWER = "The red kite is in the shed."
-# each gated module, and the seed parameter whose update makes the module change any reply
-GATED = {"chaptered_bank": "w_out", "lora_on_user": "B"}
+# each gated module, and a parameter of the seed's own (not of a fact)
+GATED = {"chaptered_bank": "w_out", "lora_on_user": "B", "hash_gradient": "rows"}
 FAST = dict(lr=0.05, steps=3, epochs=2, guards_per_step=1, guard_tokens=4, drift_tokens=4, max_drift=1.0)
 
 
@@ -124,8 +124,7 @@ def test_drift_check_generates_only_for_prompts_the_module_may_change(memory: st
         skipped = teacher.drift(module)
         assert skipped == 0.0 and len(calls) == sum(module.affects(t) for t in GUARD_PROMPTS[GUARD_TRAIN:])
         calls.clear()
-        seed = GATED[memory]  # positive control: the seed's update ran, so any reply may change
-        module.params[seed] = be.ops.zeros(tuple(module.params[seed].shape)) + 1.0
+        module.seed_trained = lambda: True  # positive control: the seed's update ran, any reply may change
         teacher.drift(module)
         assert len(calls) == len(GUARD_PROMPTS) - GUARD_TRAIN
     finally:

@@ -30,6 +30,14 @@ chat: on SmolLM2 it is what changes unrelated replies (2 of 10 probes after one 
 message; 0 of 10 when such positions are not written). `LearnBatch` does not say which
 positions are the user's own text, so the module cannot skip them yet.
 
+With `--consolidate`, each statement gets a table of its own instead, opened by its fact gate
+(`lmm.memory.fact_gate`): rows keyed by the first `fact_bits` bits of the same codes (coarser, so that
+the answer's positions after a question in other words land on a trained row; the gate, not the
+code, keeps other replies alone), read within Hamming radius `fact_radius`; an update trains the rows
+of the codes that predict the teacher's answer (new ones start at zero). The shared table's exact
+16-bit rows rarely fired on a question in other words, and coarser shared codes reached unrelated
+replies (docs/consolidation.md).
+
 It owns no token selection (shared, `lmm.memory.base`) and no model code. The optimizer
 moments are reset at every update: the rows trained change from one message to the next.
 """
@@ -42,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from lmm.memory.base import GradientConfig, GradientMemory, LearnBatch, LearnResult, RewriteContext, StateError
+from lmm.memory.base import GradientMemory, LearnBatch, LearnResult, RewriteContext, StateError
+from lmm.memory.fact_gate import FactGate, FactGateConfig
 from lmm.memory.registry import register
 from lmm.ops import Array, Ops, Params
 
@@ -51,7 +60,7 @@ CALIBRATION_TOKENS = 4096  # the running mean is ample by then; stop paying the 
 
 
 @dataclass
-class HashGradientConfig(GradientConfig):
+class HashGradientConfig(FactGateConfig):
     # 5 Adam steps of 0.03 move a correction by up to ~15% of the hidden norm. On SmolLM2-135M
     # (torch, 8 generic user messages, 5 unrelated probes) lr 0.01 / 0.03 / 0.1 gave selected-token
     # CE 8.0 -> 5.7 / 2.6 / 0.2 and changed 0 / 1 / 2 of 5 probe replies.
@@ -61,6 +70,8 @@ class HashGradientConfig(GradientConfig):
     radius: int = 0  # Hamming radius of the lookup: 0 reads exact codes only
     max_rows: int = 16384  # 0: unbounded
     center: bool = True  # subtract the calibrated mean direction before hashing
+    fact_bits: int = 10  # code bits of a consolidated statement's rows
+    fact_radius: int = 1  # Hamming radius of their lookup
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +81,10 @@ class HashGradientConfig(GradientConfig):
             raise ValueError(f"radius must be in 0..{MAX_RADIUS}, got {self.radius}")
         if self.max_rows < 0:
             raise ValueError(f"max_rows must be >= 0 (0: unbounded), got {self.max_rows}")
+        if not 4 <= self.fact_bits <= self.bits:
+            raise ValueError(f"fact_bits must be in 4..bits={self.bits}, got {self.fact_bits}")
+        if not 0 <= self.fact_radius <= MAX_RADIUS:
+            raise ValueError(f"fact_radius must be in 0..{MAX_RADIUS}, got {self.fact_radius}")
 
 
 @dataclass
@@ -84,9 +99,10 @@ class _TrainView:
 
 
 @register
-class HashGradientMemory(GradientMemory):
+class HashGradientMemory(FactGate, GradientMemory):
     name = "hash_gradient"
     config_cls = HashGradientConfig
+    fact_fields = ("rows",)
 
     def __init__(self, config: HashGradientConfig, *, hidden_size: int, ops: Ops, seed: int) -> None:
         super().__init__(config, hidden_size=hidden_size, ops=ops, seed=seed)
@@ -101,13 +117,13 @@ class HashGradientMemory(GradientMemory):
             "log_norm": ops.zeros((1,)),
             "calib_count": ops.asarray(np.zeros(1, np.int64), dtype="int64"),
         }
-        self._masks = [np.zeros(0, np.int64)] + [
-            np.array([sum(1 << b for b in c) for c in itertools.combinations(range(bits), r)], np.int64)
-            for r in range(1, config.radius + 1)
-        ]
+        self._masks = flip_masks(bits, config.radius)
+        self._fact_masks = flip_masks(config.fact_bits, config.fact_radius)
+        self._fact_bits = np.int64((1 << config.fact_bits) - 1)
         self._shifts = np.left_shift(np.int64(1), np.arange(bits, dtype=np.int64))
         self._train: _TrainView | None = None
         self.evicted = 0  # rows dropped by max_rows since this module was created or loaded
+        self.init_facts()
         self.reset_session()
         self._after_load()
 
@@ -128,6 +144,10 @@ class HashGradientMemory(GradientMemory):
             problems.append(f"keys are not sorted distinct {cfg.bits}-bit codes")
         if b["center"].shape != (d,) or b["log_norm"].shape != (1,) or b["calib_count"].shape != (1,):
             problems.append("calibration tensors have wrong shapes")
+        for i in range(self.fact_count):
+            rows, fkeys = self.params.get(f"fact{i}.rows"), self.buffers.get(f"fact{i}.keys")
+            if rows is not None and (fkeys is None or tuple(rows.shape) != (fkeys.shape[0], d)):
+                problems.append(f"fact{i}.rows and fact{i}.keys do not match")
         if problems:
             raise StateError(f"inconsistent {self.name} state: {'; '.join(problems)}")
         if self.ops.dtype_name(self.params["rows"]) != "float32":
@@ -180,7 +200,7 @@ class HashGradientMemory(GradientMemory):
         z = ops.to_numpy(h @ self.buffers["proj"]) - self._center_proj
         return ((z > 0).astype(np.int64) * self._shifts).sum(-1)
 
-    def _lookup(self, codes: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    def _lookup(self, codes: np.ndarray, keys: np.ndarray, flips: list[np.ndarray] | None = None) -> np.ndarray:
         """Per code, the index in `keys` of the nearest key within the radius (smallest key on ties), or -1."""
         out = np.full(codes.shape, -1, np.int64)
         n = keys.shape[0]
@@ -189,7 +209,7 @@ class HashGradientMemory(GradientMemory):
         pos = np.minimum(np.searchsorted(keys, codes), n - 1)
         exact = keys[pos] == codes
         out[exact] = pos[exact]
-        for masks in self._masks[1:]:
+        for masks in (self._masks if flips is None else flips)[1:]:
             todo = np.flatnonzero(out < 0)
             if todo.size == 0:
                 break
@@ -204,9 +224,12 @@ class HashGradientMemory(GradientMemory):
     def rewrite(self, hidden: Array, ctx: RewriteContext) -> Array:
         p = self.p
         view = self._train if ctx.phase == "train" and "sel" in p else None
+        facts = self.facts_read(ctx)
+        if facts:
+            hidden = self._fact_rewrite(hidden, facts)
         if view is None:
             if self._keys.shape[0] == 0:
-                if ctx.phase != "train":
+                if ctx.phase != "train" and not self.fact_count:
                     self._calibrate(hidden)
                 return hidden
             codes = self._hash(hidden)
@@ -255,6 +278,8 @@ class HashGradientMemory(GradientMemory):
         self.optimizer.reset()  # the rows differ from one update to the next
         if self._count == 0:
             self._calibrate(batch.hidden)
+        if self._fact is not None:
+            return self._fact_trainable(batch)
         codes = self._hash(batch.hidden)
         want = codes[np.asarray(batch.positions, dtype=np.int64)]
         slot = self._lookup(want, self._keys)
@@ -276,6 +301,9 @@ class HashGradientMemory(GradientMemory):
         return {"sel": parts[0] if len(parts) == 1 else self.ops.concat(parts, axis=0)}
 
     def commit(self, params: Params, batch: LearnBatch) -> None:
+        if self._fact is not None:
+            self.params.update(params)
+            return
         view = self._train
         cfg: HashGradientConfig = self.config  # type: ignore[assignment]
         if view is None or self._steps == 0:
@@ -303,6 +331,44 @@ class HashGradientMemory(GradientMemory):
         self.buffers["keys"] = self.ops.asarray(self._keys, dtype="int64")
         self.buffers["written_at"] = self.ops.asarray(self._stamps, dtype="int64")
 
+    # --- consolidated facts (`lmm.memory.fact_gate`): a coarse table per statement --------------
+    def seed_trained(self) -> bool:
+        return self._keys.shape[0] > 0
+
+    def new_fact(self, i: int, rng: np.random.Generator) -> Params:
+        self.buffers[f"fact{i}.keys"] = self.ops.asarray(np.zeros(0, np.int64), dtype="int64")
+        return {f"fact{i}.rows": self.ops.zeros((0, self.hidden_size))}
+
+    def _fact_rewrite(self, hidden: Array, facts: list[int]) -> Array:
+        """`hidden` plus the rows of the open facts' tables at each position's coarse code."""
+        ops, p = self.ops, self.p
+        codes = (self._hash(hidden) & self._fact_bits).reshape(-1)
+        out = ops.astype(hidden, "float32")
+        for i in facts:
+            slot = self._lookup(codes, ops.to_numpy(self.buffers[f"fact{i}.keys"]), self._fact_masks)
+            if not np.any(slot >= 0):
+                continue
+            table = ops.concat([ops.zeros((1, self.hidden_size)), p[f"fact{i}.rows"]], axis=0)
+            idx = ops.asarray((slot + 1).reshape(hidden.shape[:-1]), dtype="int32")
+            out = out + ops.take(table, idx, axis=0) * self.scale
+        return ops.astype(out, hidden)
+
+    def _fact_trainable(self, batch: LearnBatch) -> Params:
+        """The consolidated fact's rows, with a zero row added for each code that predicts the answer and
+        has no row within the radius yet."""
+        ops, i = self.ops, self._fact
+        codes = self._hash(batch.hidden) & self._fact_bits
+        keys = ops.to_numpy(self.buffers[f"fact{i}.keys"]).astype(np.int64)
+        want = codes[np.asarray(batch.positions, dtype=np.int64)]
+        new = np.unique(want[self._lookup(want, keys, self._fact_masks) < 0])
+        rows = self.params[f"fact{i}.rows"]
+        if new.size:
+            order = np.argsort(np.concatenate([keys, new]), kind="stable")
+            table = ops.concat([rows, ops.zeros((new.size, self.hidden_size))], axis=0)
+            rows = ops.take(table, ops.asarray(order, dtype="int32"), axis=0)
+            self.buffers[f"fact{i}.keys"] = ops.asarray(np.concatenate([keys, new])[order], dtype="int64")
+        return {f"fact{i}.rows": rows}
+
     # --- reporting --------------------------------------------------------------------------
     def reset_session(self) -> None:
         self.generate_hits = 0
@@ -316,5 +382,13 @@ class HashGradientMemory(GradientMemory):
             "rows": n, "bytes": nbytes, "bits": cfg.bits, "max_rows": cfg.max_rows,
             "evicted": self.evicted, "calibration_tokens": self._count, "scale": round(self.scale, 3),
             "generate_hit_fraction": round(self.generate_hits / self.generate_positions, 4)
-            if self.generate_positions else 0.0,
+            if self.generate_positions else 0.0, **self.fact_summary(),
         }
+
+
+def flip_masks(bits: int, radius: int) -> list[np.ndarray]:
+    """Per Hamming distance 0..radius, the XOR masks that flip that many of `bits` bits."""
+    return [np.zeros(0, np.int64)] + [
+        np.array([sum(1 << b for b in c) for c in itertools.combinations(range(bits), r)], np.int64)
+        for r in range(1, radius + 1)
+    ]
