@@ -1,9 +1,9 @@
 """Fact gates (`lmm.memory.fact_gate`) on the tiny models, for every module that has them (chaptered_bank's
-chapters, lora_on_user's corrections, hash_gradient's tables), both backends: a consolidated statement gets
-gated parameters of its own; a prompt that does not pass its gate gets the plain model's reply exactly (with
-a positive control: the same prompt with the fact forced open changes); the facts survive a save and load,
-a rollback drops them, a failed load keeps them; the drift check does not generate for prompts the module
-leaves alone."""
+chapters, lora_on_user's corrections, hash_gradient's tables, recurrent_state's readouts), both backends: a
+consolidated statement gets gated parameters of its own; a prompt that does not pass its gate gets the plain
+model's reply exactly (with a positive control: the same prompt with the fact forced open changes); the facts
+survive a save and load, a rollback drops them, a failed load keeps them; the drift check does not generate
+for prompts the module leaves alone."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lmm.memory.fact_gate import GENERAL_QUESTIONS, FactGate
 QUESTIONS = ["Where is the red kite kept?", "What is kept in the garden shed?"]
 ANSWER = "The red kite is in the shed."
 # each gated module, and a parameter of the seed's own (not of a fact)
-GATED = {"chaptered_bank": "w_out", "lora_on_user": "B", "hash_gradient": "rows"}
+GATED = {"chaptered_bank": "w_out", "lora_on_user": "B", "hash_gradient": "rows", "recurrent_state": "w_o"}
 FAST = dict(lr=0.05, steps=3, epochs=2, guards_per_step=1, guard_tokens=4, drift_tokens=4, max_drift=1.0)
 
 

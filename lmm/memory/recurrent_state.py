@@ -29,7 +29,15 @@ the memory); otherwise it goes to the least-used slot (usage = writes + attentio
 generate passes; ties: the least recently written, unwritten slots first). The learned
 parameters (W_z, W_g, W_γ, b_γ, W_q, W_o) are trained on the message's high-CE tokens by the
 shared GradientMemory loop. Saved: the parameters, the slots, their usage, write counts and
-last-write step. It owns no token selection and no model code.
+last-write step.
+
+With `--consolidate`, each statement gets a readout of its own instead, opened by its fact gate
+(`lmm.memory.fact_gate`): `rms(x_t) * fact_scale * (ĥ_t @ W_i) / sqrt(d_state)`, W_i [d_state, d] zeros,
+so the recurrent state, which carries the question into the answer's positions, is read out by the
+fact the question opened. The shared W_o trained by every statement reached unrelated replies and the
+drift check undid nearly every consolidation (0/32, docs/consolidation.md).
+
+It owns no token selection and no model code.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from lmm.memory.base import GradientConfig, GradientMemory, LearnBatch, LearnResult, RewriteContext
+from lmm.memory.base import GradientMemory, LearnBatch, LearnResult, RewriteContext
+from lmm.memory.fact_gate import FactGate, FactGateConfig
 from lmm.memory.registry import register
 from lmm.ops import Array, Ops, Params
 
@@ -47,7 +56,7 @@ EPS = 1e-6
 
 
 @dataclass
-class RecurrentStateConfig(GradientConfig):
+class RecurrentStateConfig(FactGateConfig):
     lr: float = 3e-3  # on SmolLM2-135M, 1e-2 raised unrelated prompts' CE ~2.5x (held-out sweep)
     steps: int = 3
     d_state: int = 64
@@ -56,6 +65,7 @@ class RecurrentStateConfig(GradientConfig):
     read_temperature: float = 8.0
     min_decay: float = 0.5  # b_γ is initialised so that γ spans [min_decay, max_decay] over the state
     max_decay: float = 0.98
+    fact_scale: float = 8.0  # what a fact's readout adds, relative to the hidden state's RMS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,12 +80,15 @@ class RecurrentStateConfig(GradientConfig):
         if not 0 < self.min_decay <= self.max_decay < 1:
             raise ValueError(f"min_decay and max_decay must satisfy 0 < min_decay <= max_decay < 1, "
                              f"got min_decay={self.min_decay}, max_decay={self.max_decay}")
+        if not self.fact_scale > 0:
+            raise ValueError(f"fact_scale must be > 0, got {self.fact_scale}")
 
 
 @register
-class RecurrentState(GradientMemory):
+class RecurrentState(FactGate, GradientMemory):
     name = "recurrent_state"
     config_cls = RecurrentStateConfig
+    fact_fields = ("w_o",)
     transient_buffers = ("state_hist",)
 
     def __init__(self, config: RecurrentStateConfig, *, hidden_size: int, ops: Ops, seed: int) -> None:
@@ -101,6 +114,7 @@ class RecurrentState(GradientMemory):
         }
         self._scored_final: tuple[int, Array] | None = None  # (T, final state) of the last score pass
         self.last_written_slot: int | None = None
+        self.init_facts()
 
     # --- the recurrence ---------------------------------------------------------------------
     def scan(self, xn: Array, h0: Array, p: Params) -> Array:
@@ -150,6 +164,8 @@ class RecurrentState(GradientMemory):
         read, attn = self._read_long(states, p)
         hn = states / ops.sqrt(ops.mean(states * states, axis=-1, keepdims=True) + EPS)
         out = x + rms * (ops.concat([hn, read], axis=-1) @ p["w_o"]) / float(np.sqrt(2 * self.cfg.d_state))
+        for i in self.facts_read(ctx):
+            out = out + rms * (hn @ p[f"fact{i}.w_o"]) * (self.cfg.fact_scale / float(np.sqrt(self.cfg.d_state)))
         if ctx.phase == "generate":
             start = prev if prev is not None else ops.expand_dims(h0, 1)
             self.buffers["state_hist"] = ops.concat([start, states], axis=1)
@@ -191,10 +207,25 @@ class RecurrentState(GradientMemory):
         return i
 
     def learn(self, batch: LearnBatch) -> LearnResult:
+        if self._fact is not None:  # a statement's consolidation trains its own readout only, no slot
+            self._scored_final = None
+            return super().learn(batch)
         if batch.hidden is not None or self._scored_final is not None:
             self.last_written_slot = self.write_slot(self.final_state(batch))
         self._scored_final = None
         return super().learn(batch)
+
+    def trainable(self, batch: LearnBatch) -> Params:
+        if self._fact is not None:
+            return self.fact_trainable()
+        return {k: v for k, v in self.params.items() if not self._is_fact_tensor(k)}
+
+    # --- consolidated facts (`lmm.memory.fact_gate`) -------------------------------------------
+    def seed_trained(self) -> bool:
+        return bool(np.any(self.ops.to_numpy(self.params["w_o"])))
+
+    def new_fact(self, i: int, rng: np.random.Generator) -> Params:
+        return {f"fact{i}.w_o": self.ops.zeros((self.cfg.d_state, self.hidden_size))}
 
     def reset_session(self) -> None:
         self.buffers.pop("state_hist", None)
@@ -213,5 +244,5 @@ class RecurrentState(GradientMemory):
             "slot_usage": [round(float(u), 2) for u in ops.to_numpy(self.buffers["slot_usage"])],
             "session_positions": 0 if hist is None else int(hist.shape[1]) - 1,
             "state_norm": 0.0 if hist is None else float(np.linalg.norm(ops.to_numpy(hist[:, -1]))),
-            "w_o_norm": float(np.linalg.norm(ops.to_numpy(self.params["w_o"]))),
+            "w_o_norm": float(np.linalg.norm(ops.to_numpy(self.params["w_o"]))), **self.fact_summary(),
         }
