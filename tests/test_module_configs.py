@@ -20,7 +20,7 @@ KNOWN_BAD: dict[str, tuple[object, ...]] = {
     "lr": (0.0,), "steps": (-1,), "optimizer": ("rmsprop",), "weight_decay": (-0.1,), "rank": (0,),
     "init_std": (0.0,), "bits": (7, 25, 6), "radius": (-1,), "max_rows": (-1,),
     "fact_margin": (3.0,), "fact_question_margin": (-2.0,), "fact_top_k": (0,), "fact_rank": (0,),
-    "fact_scale": (0.0,), "fact_slots": (0,),
+    "fact_scale": (0.0,), "fact_slots": (0,), "fact_bits": (3,), "fact_radius": (-1,),
 }
 
 

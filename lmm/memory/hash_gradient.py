@@ -33,10 +33,10 @@ positions are the user's own text, so the module cannot skip them yet.
 With `--consolidate`, each statement gets a table of its own instead, opened by its fact gate
 (`lmm.memory.fact_gate`): rows keyed by the first `fact_bits` bits of the same codes (coarser, so that
 the answer's positions after a question in other words land on a trained row; the gate, not the
-code, keeps other replies alone), read within Hamming radius `fact_radius`; an update trains the rows
-of the codes that predict the teacher's answer (new ones start at zero). The shared table's exact
-16-bit rows rarely fired on a question in other words, and coarser shared codes reached unrelated
-replies (docs/consolidation.md).
+code, keeps other replies alone), read within Hamming radius `fact_radius` and scaled by `fact_scale`;
+an update trains the rows of the codes that predict the teacher's answer (new ones start at zero).
+The shared table's exact 16-bit rows rarely fired on a question in other words, and coarser shared
+codes reached unrelated replies (docs/consolidation.md).
 
 It owns no token selection (shared, `lmm.memory.base`) and no model code. The optimizer
 moments are reset at every update: the rows trained change from one message to the next.
@@ -70,8 +70,12 @@ class HashGradientConfig(FactGateConfig):
     radius: int = 0  # Hamming radius of the lookup: 0 reads exact codes only
     max_rows: int = 16384  # 0: unbounded
     center: bool = True  # subtract the calibrated mean direction before hashing
-    fact_bits: int = 10  # code bits of a consolidated statement's rows
-    fact_radius: int = 1  # Hamming radius of their lookup
+    # A consolidated statement's rows: code bits, lookup radius, scale relative to the seed rows'. Dev, first
+    # 8 facts: bits 10 radius 1 scale 1 recalled 1 of 5; 8/2/1 3 of 8; 6/2/1 3 of 8; 8/2/4 5 of 8; 8/2/8
+    # 2 of 3 with broken replies ("My name? I. ...").
+    fact_bits: int = 8
+    fact_radius: int = 2
+    fact_scale: float = 4.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +89,8 @@ class HashGradientConfig(FactGateConfig):
             raise ValueError(f"fact_bits must be in 4..bits={self.bits}, got {self.fact_bits}")
         if not 0 <= self.fact_radius <= MAX_RADIUS:
             raise ValueError(f"fact_radius must be in 0..{MAX_RADIUS}, got {self.fact_radius}")
+        if not self.fact_scale > 0:
+            raise ValueError(f"fact_scale must be > 0, got {self.fact_scale}")
 
 
 @dataclass
@@ -350,7 +356,7 @@ class HashGradientMemory(FactGate, GradientMemory):
                 continue
             table = ops.concat([ops.zeros((1, self.hidden_size)), p[f"fact{i}.rows"]], axis=0)
             idx = ops.asarray((slot + 1).reshape(hidden.shape[:-1]), dtype="int32")
-            out = out + ops.take(table, idx, axis=0) * self.scale
+            out = out + ops.take(table, idx, axis=0) * (self.scale * self.config.fact_scale)
         return ops.astype(out, hidden)
 
     def _fact_trainable(self, batch: LearnBatch) -> Params:
