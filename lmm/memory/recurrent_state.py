@@ -65,7 +65,8 @@ class RecurrentStateConfig(FactGateConfig):
     read_temperature: float = 8.0
     min_decay: float = 0.5  # b_γ is initialised so that γ spans [min_decay, max_decay] over the state
     max_decay: float = 0.98
-    fact_scale: float = 8.0  # what a fact's readout adds, relative to the hidden state's RMS
+    # what a fact's readout adds, relative to the hidden state's RMS (dev, first 8 facts: 3 recalled 6, 8 4, 32 0 of 4)
+    fact_scale: float = 3.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
