@@ -10,8 +10,9 @@ nearest first, with the cosine taken on the same feature (the frozen model's mea
 content tokens entering the module's layer), decided once in `before_reply`; every other reply reads
 none, so it is the seed module's alone. What a fact holds is the module's own (`new_fact`, read where its
 `rewrite` asks `facts_read`): `chaptered_bank` a small chapter of slots, `lora_on_user` a low-rank
-correction. Without a gate, what a statement taught a module reached unrelated replies, and the drift
-check undid it (docs/consolidation.md).
+correction, `hash_gradient` a coarse table of rows, `recurrent_state` a readout of its state. Without
+a gate, what a statement taught a module reached unrelated replies, and the drift check undid it
+(docs/consolidation.md).
 
 Without `--consolidate` no fact exists and the module is the seed's, unchanged. It owns no learner (the
 consolidator drives `consolidating`) and no module's parameters or reading.
