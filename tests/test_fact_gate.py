@@ -19,6 +19,7 @@ from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory.base import RewriteContext, StateError
 from lmm.memory.chaptered_bank import ChapteredBank
 from lmm.memory.fact_gate import GENERAL_QUESTIONS, FactGate
+from lmm.memory.question_map import question_map
 
 QUESTIONS = ["Where is the red kite kept?", "What is kept in the garden shed?"]
 ANSWER = "The red kite is in the shed."
@@ -162,13 +163,15 @@ def test_open_chapters_are_ranked_by_cosine_not_by_margin(tiny_backend, tmp_path
     engine.close()
 
 
-def test_the_statement_counts_as_one_more_question_in_the_route(tiny_backend, tmp_path: Path) -> None:
+def test_the_statement_and_its_predicted_question_join_the_route(tiny_backend, tmp_path: Path) -> None:
     be = tiny_backend("torch")
     engine = engine_for(be, tmp_path)
     module = empty_chapters(engine, (QUESTIONS, ANSWER), (QUESTIONS, ""))  # control: no statement given
     center = be.ops.to_numpy(module.buffers["fact_center"])
     routes = be.ops.to_numpy(module.buffers["fact_route"])
-    expected = np.mean([module._state(t) for t in (*QUESTIONS, ANSWER)], axis=0) - center
+    said = module._state(ANSWER)
+    predicted = question_map(be.view(), engine.layer).predict(said)
+    expected = np.mean([*(module._state(t) for t in QUESTIONS), said, predicted], axis=0) - center
     np.testing.assert_allclose(routes[0], expected / np.linalg.norm(expected), atol=1e-5)
     assert not np.allclose(routes[0], routes[1], atol=1e-3)
     engine.close()

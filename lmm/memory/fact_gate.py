@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lmm.memory.base import GradientConfig, MemoryModule, StateError
+from lmm.memory.question_map import question_map
 from lmm.memory.trace_gate import OTHER, content_state
 from lmm.memory.traces import CALIBRATION, normalize
 from lmm.ops import Array, Ops, Params
@@ -195,10 +196,14 @@ class FactGate:
             center = generic[: len(unrelated) + len(CALIBRATION)].mean(axis=0)  # the unrelated and calibration rows
             self.buffers["fact_center"] = ops.asarray(center.astype(np.float32))
         center = ops.to_numpy(self.buffers["fact_center"])
-        # The statement counts as one more question: the teacher's questions are often odd ("What does I
-        # support?"), and the statement carries the words a user's question shares (dev gates: 15 -> 20 own).
-        texts = [*questions, statement] if statement.strip() else list(questions)
-        route = normalize(np.stack([self._state(t) for t in texts]).mean(axis=0) - center)
+        # The statement and the question the map predicts from it count as two more questions: the
+        # teacher's are often off-point ("What is my name?" about a move), and the statement carries the
+        # words a user's question shares (dev, 32 facts: own questions opening their gate 23 -> 28).
+        states = [self._state(t) for t in questions]
+        if statement.strip():
+            said = self._state(statement)
+            states += [said, question_map(*self._model()).predict(said)]
+        route = normalize(np.stack(states).mean(axis=0) - center)
         # Above every generic message at hand: the learner's unrelated prompts, the neutral calibration
         # messages and the write gate's examples of what does not inform (questions, requests, small talk).
         threshold = max(float((normalize(generic - center) @ route).max()) + cfg.fact_margin,
