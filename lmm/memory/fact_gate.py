@@ -1,10 +1,11 @@
 """Fact gates: what consolidation (`lmm.consolidation`, issue #14) adds to a gradient module, one gated
 set of parameters per consolidated statement.
 
-Owns, for each statement, the gate: a route (the unit mean of the training questions' and the
-statement's states, centred) and a threshold (the best cosine of any generic message, plus `fact_margin`:
-the unrelated prompts the learner must leave alone, the neutral calibration messages and the write gate's
-examples of what does not inform; and of any general-knowledge question or sum, plus
+Owns, for each statement, the gate: a route (the unit mean of the training questions' states, the
+statement's and the question `lmm.memory.question_map` predicts from it, centred) and a threshold (the
+best cosine of any generic message, plus `fact_margin`: the unrelated prompts the learner must leave
+alone, the neutral calibration messages and the write gate's examples of what does not inform; and of
+any general-knowledge question or sum, plus
 `fact_question_margin`). A reply reads the `fact_top_k` facts whose gate the user's message passes,
 nearest first, with the cosine taken on the same feature (the frozen model's mean state of the message's
 content tokens entering the module's layer), decided once in `before_reply`; every other reply reads
@@ -64,6 +65,7 @@ class FactGateConfig(GradientConfig):
     fact_margin: float = 0.15  # a message opens a fact past the best unrelated prompt's cosine by this much
     fact_question_margin: float = 0.10  # ... and past the best general-knowledge question's by this much
     fact_top_k: int = 1  # facts one reply reads at most (in a crowded memory a second was most often wrong)
+    fact_map: bool = True  # the route also holds the question `question_map` predicts from the statement
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,7 +151,7 @@ class FactGate:
         key = ("fact_gate.references", layer, tuple(unrelated))
         return model.memo(key, lambda: (states((*unrelated, *CALIBRATION, *OTHER)), states(GENERAL_QUESTIONS)))
 
-    def _cosines(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def cosines(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Cosine of `text`'s centred state with every fact's route, and the facts' thresholds."""
         center = self.ops.to_numpy(self.buffers["fact_center"])
         route = self.ops.to_numpy(self.buffers["fact_route"])
@@ -159,7 +161,7 @@ class FactGate:
         """The facts a message `text` reads: those whose gate it passes, nearest first."""
         if not self.fact_count or not text.strip():
             return []
-        cos, threshold = self._cosines(text)
+        cos, threshold = self.cosines(text)
         # Ranked by cosine, not by margin: a fact whose questions are far from every generic message
         # has a low threshold and, ranked by margin, came first for other facts' questions too.
         order = [int(i) for i in np.argsort(-cos) if cos[i] >= threshold[i]]
@@ -202,7 +204,7 @@ class FactGate:
         states = [self._state(t) for t in questions]
         if statement.strip():
             said = self._state(statement)
-            states += [said, question_map(*self._model()).predict(said)]
+            states += [said, question_map(*self._model()).predict(said)] if cfg.fact_map else [said]
         route = normalize(np.stack(states).mean(axis=0) - center)
         # Above every generic message at hand: the learner's unrelated prompts, the neutral calibration
         # messages and the write gate's examples of what does not inform (questions, requests, small talk).
