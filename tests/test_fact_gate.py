@@ -175,3 +175,12 @@ def test_the_statement_and_its_predicted_question_join_the_route(tiny_backend, t
     np.testing.assert_allclose(routes[0], expected / np.linalg.norm(expected), atol=1e-5)
     assert not np.allclose(routes[0], routes[1], atol=1e-3)
     engine.close()
+    # fact_map off: the statement without its predicted question (and so another route)
+    engine = ChatEngine(EngineConfig(memory="chaptered_bank", memory_options={"fact_map": "false"},
+                                     activation_log_path=None, background_updates=False), backend=be)
+    plain = empty_chapters(engine, (QUESTIONS, ANSWER))
+    without = np.mean([*(plain._state(t) for t in QUESTIONS), said], axis=0) - center
+    route = be.ops.to_numpy(plain.buffers["fact_route"])[0]
+    np.testing.assert_allclose(route, without / np.linalg.norm(without), atol=1e-5)
+    assert not np.allclose(route, routes[0], atol=1e-3)
+    engine.close()
