@@ -200,7 +200,7 @@ class FactGate:
         center = ops.to_numpy(self.buffers["fact_center"])
         # The statement and the question the map predicts from it count as two more questions: the
         # teacher's are often off-point ("What is my name?" about a move), and the statement carries the
-        # words a user's question shares (dev, 32 facts: own questions opening their gate 23 -> 28).
+        # words a user's question shares (dev, 32 facts: own questions opening their gate 23 -> 27).
         states = [self._state(t) for t in questions]
         if statement.strip():
             said = self._state(statement)
