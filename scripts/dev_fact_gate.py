@@ -36,7 +36,7 @@ def main() -> None:
     engine = new_engine(backend, args.module, parse_module_options(args.mm_opt, scoped=False),  # type: ignore[arg-type]
                         max_tokens=12, seed=0, consolidate=True)
     module, consolidator = engine.module, Consolidator(backend)
-    if not hasattr(module, "opened"):
+    if not hasattr(module, "passed"):
         raise SystemExit(f"{args.module} has no fact gates")
     owner: list[int] = []  # the fact of each gate
     for k, fact in enumerate(facts):
@@ -49,8 +49,7 @@ def main() -> None:
                         owner.append(k)
     own = first = 0
     for k, fact in enumerate(facts):
-        cos, threshold = module.cosines(fact["query"])
-        passed = sorted((i for i in range(len(owner)) if cos[i] >= threshold[i]), key=lambda i: -cos[i])
+        passed = module.passed(fact["query"])
         own += any(owner[i] == k for i in passed)
         first += bool(passed) and owner[passed[0]] == k
         print(json.dumps({"query": fact["query"], "opened_own": any(owner[i] == k for i in passed),
@@ -61,7 +60,7 @@ def main() -> None:
         if not (args.dev / f"{name}.jsonl").exists():
             continue
         texts = rows(args.dev / f"{name}.jsonl", key)
-        report.append(f"{name} opening a gate {sum(bool(module.opened(t)) for t in texts)}/{len(texts)}")
+        report.append(f"{name} opening a gate {sum(bool(module.passed(t)) for t in texts)}/{len(texts)}")
     engine.close()
     print("; ".join(report))
 

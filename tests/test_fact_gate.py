@@ -28,8 +28,8 @@ GATED = {"chaptered_bank": "w_out", "lora_on_user": "B", "hash_gradient": "rows"
 FAST = dict(lr=0.05, steps=3, epochs=2, guards_per_step=1, guard_tokens=4, drift_tokens=4, max_drift=1.0)
 
 
-def engine_for(be: Any, tmp_path: Path, memory: str = "chaptered_bank") -> ChatEngine:
-    return ChatEngine(EngineConfig(memory=memory, activation_log_path=tmp_path / "log.jsonl",
+def engine_for(be: Any, tmp_path: Path, memory: str = "chaptered_bank", **options: str) -> ChatEngine:
+    return ChatEngine(EngineConfig(memory=memory, memory_options=options, activation_log_path=tmp_path / "log.jsonl",
                                    background_updates=False, decoding=DecodingConfig(max_tokens=6)), backend=be)
 
 
@@ -176,8 +176,7 @@ def test_the_statement_and_its_predicted_question_join_the_route(tiny_backend, t
     assert not np.allclose(routes[0], routes[1], atol=1e-3)
     engine.close()
     # fact_map off: the statement without its predicted question (and so another route)
-    engine = ChatEngine(EngineConfig(memory="chaptered_bank", memory_options={"fact_map": "false"},
-                                     activation_log_path=None, background_updates=False), backend=be)
+    engine = engine_for(be, tmp_path, fact_map="false")
     plain = empty_chapters(engine, (QUESTIONS, ANSWER))
     without = np.mean([*(plain._state(t) for t in QUESTIONS), said], axis=0) - center
     route = be.ops.to_numpy(plain.buffers["fact_route"])[0]

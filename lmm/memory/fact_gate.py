@@ -30,7 +30,7 @@ import numpy as np
 
 from lmm.memory.base import GradientConfig, MemoryModule, StateError
 from lmm.memory.question_map import question_map
-from lmm.memory.trace_gate import OTHER, content_state
+from lmm.memory.trace_gate import OTHER, content_state, content_states
 from lmm.memory.traces import CALIBRATION, normalize
 from lmm.ops import Array, Ops, Params
 from lmm.types import ModelView, RewriteContext
@@ -144,28 +144,28 @@ class FactGate:
         examples of what does not inform) and of the general questions: the same for every fact, so
         taken once per loaded model rather than through `_state`'s cache, which a long chat empties."""
         model, layer = self._model()
-
-        def states(texts: Sequence[str]) -> np.ndarray:
-            return np.stack([content_state(model, layer, t) for t in texts])
-
         key = ("fact_gate.references", layer, tuple(unrelated))
-        return model.memo(key, lambda: (states((*unrelated, *CALIBRATION, *OTHER)), states(GENERAL_QUESTIONS)))
+        return model.memo(key, lambda: (content_states(model, layer, (*unrelated, *CALIBRATION, *OTHER)),
+                                        content_states(model, layer, GENERAL_QUESTIONS)))
 
-    def cosines(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def _cosines(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Cosine of `text`'s centred state with every fact's route, and the facts' thresholds."""
         center = self.ops.to_numpy(self.buffers["fact_center"])
         route = self.ops.to_numpy(self.buffers["fact_route"])
         return route @ normalize(self._state(text) - center), self.ops.to_numpy(self.buffers["fact_threshold"])
 
-    def opened(self, text: str) -> list[int]:
-        """The facts a message `text` reads: those whose gate it passes, nearest first."""
+    def passed(self, text: str) -> list[int]:
+        """Every fact whose gate a message `text` passes, nearest first."""
         if not self.fact_count or not text.strip():
             return []
-        cos, threshold = self.cosines(text)
+        cos, threshold = self._cosines(text)
         # Ranked by cosine, not by margin: a fact whose questions are far from every generic message
         # has a low threshold and, ranked by margin, came first for other facts' questions too.
-        order = [int(i) for i in np.argsort(-cos) if cos[i] >= threshold[i]]
-        return order[: self.config.fact_top_k]
+        return [int(i) for i in np.argsort(-cos) if cos[i] >= threshold[i]]
+
+    def opened(self, text: str) -> list[int]:
+        """The facts a message `text` reads: the `fact_top_k` nearest of those it passes."""
+        return self.passed(text)[: self.config.fact_top_k]
 
     def attach(self, model: ModelView, layer: int) -> None:
         self.model, self.layer = model, layer

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmm.memory.trace_gate import content_state, digest
+from lmm.memory.trace_gate import content_states, digest
 from lmm.types import ModelView
 
 MAP_VERSION = 1
@@ -101,11 +101,10 @@ def question_map(model: ModelView, layer: int, pairs: Sequence[tuple[str, str]] 
     """The map of `model` at `layer`, fitted once (80 forwards) and kept on disk under a key naming
     the pairs and this file's version."""
     def fit() -> dict[str, np.ndarray]:
-        def states(texts: Sequence[str]) -> np.ndarray:
-            return np.stack([content_state(model, layer, t) for t in texts])
-        m = fit_question_map(states([s for s, _ in pairs]), states([q for _, q in pairs]))
+        m = fit_question_map(content_states(model, layer, [s for s, _ in pairs]),
+                             content_states(model, layer, [q for _, q in pairs]))
         return {"s_mean": m.s_mean, "q_mean": m.q_mean, "statements": m.statements, "weights": m.weights}
 
-    flat = [t for pair in pairs for t in pair]
-    key = f"fact_gate.question_map.{MAP_VERSION}.layer{layer}.{digest(flat)}"
-    return model.memo(("fact_gate.question_map", layer, digest(flat)), lambda: QuestionMap(**model.stored(key, fit)))
+    name = digest([t for pair in pairs for t in pair])
+    key = f"fact_gate.question_map.{MAP_VERSION}.layer{layer}.{name}"
+    return model.memo(("fact_gate.question_map", layer, name), lambda: QuestionMap(**model.stored(key, fit)))

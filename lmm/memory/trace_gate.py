@@ -168,13 +168,16 @@ def content_state(model: ModelView, layer: int, text: str) -> np.ndarray:
     return states[turn.content].mean(axis=0) if turn.content else states[-1]
 
 
+def content_states(model: ModelView, layer: int, texts: Sequence[str]) -> np.ndarray:
+    """`content_state` of each of `texts`, stacked: [len(texts), d]."""
+    return np.stack([content_state(model, layer, t) for t in texts])
+
+
 def gate_probe(model: ModelView, layer: int) -> Probe:
     """The write gate of `model` at `layer`, fitted once per model on the labelled examples (84
     forwards) and kept on disk: the key names the examples and the feature's version."""
     def fit() -> dict[str, np.ndarray]:
-        def states(texts: Sequence[str]) -> np.ndarray:
-            return np.stack([content_state(model, layer, t) for t in texts])
-        probe = fit_probe(states(INFORM), states(OTHER))
+        probe = fit_probe(content_states(model, layer, INFORM), content_states(model, layer, OTHER))
         return {"direction": probe.direction, "center": probe.center}
 
     key = f"trace_bank.gate.{GATE_VERSION}.layer{layer}.{digest(INFORM + OTHER)}"
