@@ -338,14 +338,15 @@ class Consolidator:
         p = ops.exp(g.logprobs)
         return ops.mean(ops.sum(p * (g.logprobs - ops.log_softmax(logits, -1)), axis=-1))
 
-    def _captured(self, hook: MemoryHook, ex: Example) -> Array | None:
-        """The hooked layer's input states [T, d] for `ex` (one scoring pass)."""
-        self.backend.forward(ex.ids, self.backend.new_cache(), "score", keep=[len(ex.ids) - 1])
-        return hook.captured[0] if hook.captured is not None else None
-
-    def _mean_answer_loss(self, examples: Sequence[Example]) -> float:
-        ops = self.backend.ops
-        return float(np.mean([float(ops.to_numpy(self._answer_loss(ex, "score"))) for ex in examples]))
+    def _scored(self, hook: MemoryHook, examples: Sequence[Example]) -> tuple[float, list[Array | None]]:
+        """The examples' mean answer loss, and each one's states [T, d] entering the hooked layer, which
+        the same scoring pass captures (the frozen layers below the module make them)."""
+        ops, losses, hiddens = self.backend.ops, [], []
+        for ex in examples:
+            hook.captured = None
+            losses.append(float(ops.to_numpy(self._answer_loss(ex, "score"))))
+            hiddens.append(hook.captured[0] if hook.captured is not None else None)
+        return float(np.mean(losses)), hiddens
 
     def consolidate(self, module: GradientMemory, hook: MemoryHook, statement: str,
                     restore: Callable[[], None] | None = None) -> ConsolidationSummary:
@@ -373,9 +374,7 @@ class Consolidator:
         if not examples:
             return summary
         guards = self.guards()[:GUARD_TRAIN]
-        summary.loss = self._mean_answer_loss(examples)
-        # The states entering the module's layer come from the frozen layers below: one capture per question.
-        hiddens = [self._captured(hook, ex) for ex in examples]
+        summary.loss, hiddens = self._scored(hook, examples)
         with module.schedule(cfg.lr or None, cfg.steps or None):
             for _ in range(cfg.epochs):
                 for ex, hidden in zip(examples, hiddens, strict=True):
@@ -393,7 +392,7 @@ class Consolidator:
                     module.learn(LearnBatch(input_ids=ex.ids, positions=ex.positions, target_ids=ex.targets,
                                             hidden=hidden, loss=loss))
                     summary.updates += 1
-        summary.loss_after = self._mean_answer_loss(examples)
+        summary.loss_after, _ = self._scored(hook, examples)
         summary.drift = self.drift(module)
         if summary.drift > cfg.max_drift and restore is not None:
             restore()
