@@ -13,6 +13,7 @@ import pytest
 
 from lmm.backends import DecodingConfig
 from lmm.backends.base import BackendError
+from lmm.backends.decoding import sample_token
 from lmm.memory.base import RewriteContext
 from lmm.testing import FAMILIES
 
@@ -100,6 +101,55 @@ def test_sampling_is_seeded_and_identical_across_runs(backend_name: str, tiny_ba
     backend.reset_session()
     b = list(backend.generate(ids, decoding))
     assert a == b
+
+
+class _Row:
+    """A `decode_rows` row that samples (or takes the best) with its own seed for `n` tokens."""
+
+    def __init__(self, strategy: str, seed: int, n: int) -> None:
+        self.strategy, self.rng, self.n, self.out = strategy, np.random.default_rng(seed), n, []
+
+    def next_token(self, scores: np.ndarray) -> int | None:
+        if len(self.out) == self.n:
+            return None
+        self.out.append(sample_token(scores, self.strategy, 1.0, 0.9, self.rng))
+        return self.out[-1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_decode_as_generate_does_one_at_a_time(backend_name: str, family: str, tiny_backend) -> None:
+    """Rows of one prompt decoded in lockstep give each row's tokens as the frozen model's own
+    generation with the same seed, rows of other lengths alongside; an installed hook and extra
+    keys/values are not read (the positive control: the hook changes `generate`)."""
+    from lmm.types import ExtraKV
+
+    backend = tiny_backend(backend_name, family)
+    ids = backend.formatter.generation_ids(MESSAGES)
+    specs = [("greedy", 0, 7), ("sample", 1, 7), ("sample", 2, 3), ("greedy", 0, 0)]
+
+    def one_at_a_time() -> list[list[int]]:
+        backend.reset_session()
+        with backend.plain_model():
+            return [list(backend.generate(ids, DecodingConfig(strategy=s, temperature=1.0, seed=k, max_tokens=n,
+                                                              repetition_penalty=1.0)))[:n] if n else []
+                    for s, k, n in specs]
+
+    expected = one_at_a_time()
+    rows = [_Row(*spec) for spec in specs]
+    backend.decode_rows(ids, rows, max_steps=10)
+    assert [r.out[:len(e)] for r, e in zip(rows, expected, strict=True)] == expected
+    assert max(len(e) for e in expected) >= 3  # not vacuous: a stop token did not end every row at once
+    backend.install_hook(1, lambda h, ctx: h * 3.0)
+    cap = backend.capture(ids[:3], kv_layers=[0])
+    backend.set_extra_kv(ExtraKV(key="t", layers={0: cap.kv[0]}, visible_from=0))
+    try:
+        assert list(backend.generate(ids, DecodingConfig(strategy="greedy", max_tokens=7))) != expected[0]
+        again = [_Row(*spec) for spec in specs]
+        backend.decode_rows(ids, again, max_steps=10)  # the kept prompt cache, reused
+        assert [r.out for r in again] == [r.out for r in rows]
+    finally:
+        backend.set_extra_kv(None)
+        backend.remove_hook()
 
 
 def test_beam_search_torch(tiny_backend) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -115,6 +115,13 @@ class GenerationStats:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
 
 
+class RowDecoder(Protocol):
+    """One row of `Backend.decode_rows`: it picks each token it feeds from its own scores."""
+
+    def next_token(self, scores: np.ndarray) -> int | None:
+        """The token to feed next, given the logits [vocab] after the row's last token; None: done."""
+
+
 class Backend(ABC):
     """A loaded model with a hookable middle layer and a session KV cache."""
 
@@ -135,6 +142,7 @@ class Backend(ABC):
         self._session_cache: Any = None
         self._session_tokens: list[int] = []
         self._plain_cache: tuple[Any, list[int]] | None = None  # the memory contrast's frozen stream (_PlainStream)
+        self._rows_cache: tuple[Any, list[int]] | None = None  # the last prompt `decode_rows` ran (frozen)
         self.last_stats = GenerationStats()
         self.installed_hook: HookFn | None = None  # set by install_hook, cleared by remove_hook
         self.extra_kv: ExtraKV | None = None  # attention memory read by every forward (set_extra_kv)
@@ -168,6 +176,15 @@ class Backend(ABC):
     def truncate_cache(self, cache: Any, n: int) -> bool:
         """Cut `cache` to its first `n` positions in place; False if this cache cannot be cut."""
 
+    @abstractmethod
+    def _repeat_rows(self, cache: Any, n: int) -> None:
+        """Make a one-row `cache` (a view: never the session's) hold `n` identical rows."""
+
+    @abstractmethod
+    def _step_rows(self, tokens: Sequence[int], cache: Any) -> np.ndarray:
+        """Feed one token per row of `cache` (all rows at the same position) to the frozen model;
+        return float32 logits [rows, vocab]."""
+
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         raise BackendError(f"{self.name} has no beam search")
 
@@ -183,6 +200,7 @@ class Backend(ABC):
         """Release the model's resources for this process's exit; the backend is not used after."""
         self.remove_hook()
         self.reset_session()
+        self._rows_cache = None
         self.release_thread()
 
     def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
@@ -361,6 +379,42 @@ class Backend(ABC):
             if plain is not None:
                 plain.step(tok)
         stats.generation_seconds = time.perf_counter() - (first_token_time or start)
+
+    def decode_rows(self, prompt_ids: list[int], rows: Sequence[RowDecoder], max_steps: int) -> None:
+        """Continue `prompt_ids` along every row in lockstep under the frozen model (hook bypassed, no
+        extra keys/values): the prompt runs once, its keys/values are copied per row, and each step feeds
+        one token per row as a single batch. A row that is done feeds its last token again and its scores
+        are ignored. Why: on a CPU a small model's step costs about the same for a few rows as for one (the
+        weights' reads dominate). The prompt's frozen cache is kept for the next call to reuse."""
+        if not rows or not prompt_ids:
+            return
+        kept, self._rows_cache = self._rows_cache, None
+        done = 0 if kept is None else self._reusable(kept[0], kept[1], prompt_ids)
+        if done:
+            cache = kept[0]
+        else:  # from the system prompt's frozen state when the prompt starts with it
+            cache, prefix = self._start(prompt_ids)
+            done = 0 if prefix is None else len(prefix.ids)
+        with self.plain_model():
+            new = prompt_ids[done:]
+            first = self.ops.to_numpy(self.forward(new, cache, "score", keep=[len(new) - 1])[-1])
+            self._rows_cache = (cache, list(prompt_ids))
+            batch = self.cache_view(cache, len(prompt_ids))
+            if batch is None:  # a cache that cannot be viewed (sliding windows) is used once, not kept
+                self._rows_cache, batch = None, cache
+            self._repeat_rows(batch, len(rows))
+            scores = np.repeat(first[None], len(rows), axis=0)
+            last = [0] * len(rows)
+            finished = [False] * len(rows)
+            for _ in range(max_steps):
+                for i, row in enumerate(rows):
+                    if not finished[i]:
+                        tok = row.next_token(scores[i])
+                        finished[i] = tok is None
+                        last[i] = last[i] if tok is None else tok
+                if all(finished):
+                    return
+                scores = self._step_rows(last, batch)
 
     def forward_on_prefix(self, prefix_ids: Sequence[int], ids: Sequence[int], phase: Phase,
                           keep: Sequence[int] | None = None) -> Array:

@@ -246,6 +246,14 @@ class MlxBackend(Backend):
             mx.eval(logits)
         return logits
 
+    def _repeat_rows(self, cache: list[Any], n: int) -> None:
+        for c in cache:
+            c.keys, c.values = mx.repeat(c.keys, n, axis=0), mx.repeat(c.values, n, axis=0)
+
+    def _step_rows(self, tokens: Sequence[int], cache: list[Any]) -> np.ndarray:
+        logits = self.model(mx.array([[t] for t in tokens]), cache=cache)[:, -1].astype(mx.float32)
+        return np.array(logits)
+
     def _compute_prefix(self, ids: list[int]) -> FrozenPrefix | bool:
         plan = AttentionPlan(hidden_layers=frozenset(range(self.num_layers)))
         cache = self.new_cache()

@@ -267,6 +267,15 @@ class TorchBackend(Backend):
                              **{self._cache_kw: cache})
         return out.logits[0].float()
 
+    def _repeat_rows(self, cache: Any, n: int) -> None:
+        cache.batch_repeat_interleave(n)
+
+    def _step_rows(self, tokens: Sequence[int], cache: Any) -> np.ndarray:
+        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+        with torch.no_grad(), plan_scope(None):
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1].float().cpu().numpy()
+
     def _compute_prefix(self, ids: list[int]) -> FrozenPrefix | bool:
         hidden: dict[int, torch.Tensor] = {}
 
