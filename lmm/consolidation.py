@@ -2,8 +2,8 @@
 
 Owns the shared learner that every gradient module consolidates through (`Consolidator`): which
 sentences of a user message are statements (`lmm.memory.trace_gate`'s split and write gate), the
-questions the frozen model asks about a statement and the answers it gives while reading it (the
-teacher: a few-shot reading task, the statement in context), the student's loss (cross-entropy on
+student's examples from the teacher's questions and answers about a statement (`lmm.teacher`: the
+frozen model reading it in a few-shot task), the student's loss (cross-entropy on
 those answers asked with no statement, plus KL to the frozen model on unrelated guard prompts), and
 the drift check that undoes a consolidation which moves other replies. The module's own learner
 trains it (`MemoryModule.learn` with this loss): its `trainable` chooses what a question touches
@@ -19,7 +19,6 @@ teacher-with-context / student-without recipe is Padmanabhan et al. (arXiv 2306.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -37,25 +36,8 @@ from lmm.learning import UpdateSummary
 from lmm.memory.base import GradientMemory, LearnBatch, coerce_option
 from lmm.memory.trace_gate import digest, gate_score, is_question, sentences
 from lmm.ops import Array, Params
+from lmm.teacher import Teacher, TeacherConfig
 from lmm.types import Phase
-
-# A reading task the frozen model completes: statement, question, answer. Generic examples (the
-# write gate's kind of sentences). The questions are the user's own, later, about their world: in the
-# first person where the statement is, never naming what they ask for (a question that names the answer
-# teaches a chapter to repeat the question), forward and reverse ("Who is Pepper?"), answered in the
-# second person.
-SHOTS = (
-    ("The spare key is under the blue flowerpot.", "Where is the spare key?",
-     "The spare key is under the blue flowerpot."),
-    ("My cousin Ignatius lives in Winnipeg.", "Where does my cousin live?", "Your cousin Ignatius lives in Winnipeg."),
-    ("Our landlord is called Mr Haverford.", "What is our landlord's name?", "Your landlord is called Mr Haverford."),
-    ("I started learning the accordion in September.", "Which instrument am I learning?",
-     "You are learning the accordion; you started in September."),
-    ("The book club meets on the second Tuesday of each month.", "When does the book club meet?",
-     "The book club meets on the second Tuesday of each month."),
-    ("My neighbour's dog is called Pepper.", "Who is Pepper?", "Pepper is your neighbour's dog."),
-    ("Hey, I'm Rosalind, I just joined the team.", "What is my name?", "Your name is Rosalind."),
-)
 
 # Unrelated prompts the student must answer as the frozen model does: the first GUARD_TRAIN are in the
 # loss, the rest only judge drift. None is a benchmark or development prompt.
@@ -73,7 +55,6 @@ GUARD_PROMPTS = (
     "Describe a forest in one sentence.", "What is the tallest animal?",
 )
 GUARD_TRAIN = 16
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 @dataclass
@@ -166,43 +147,6 @@ class ConsolidationSummary:
         return out
 
 
-def _words(text: str) -> set[str]:
-    return {w.lower() for w in _WORD.findall(text)}
-
-
-def uses_statement(statement: str, question: str, answer: str) -> bool:
-    """The answer carries a word of the statement that the question did not give (it read the statement)."""
-    return bool((_words(statement) - _words(question)) & _words(answer))
-
-
-def named_words(text: str) -> set[str]:
-    """The names and numbers of `text` (lower-cased): words with a digit, or capitalised past a sentence's
-    first word. What a user asks for is most often one of them; scripts without case give names none."""
-    out: set[str] = set()
-    for sentence in sentences(text):
-        for k, m in enumerate(_WORD.finditer(sentence)):
-            word = m.group()
-            if any(c.isdigit() for c in word) or (k > 0 and len(word) > 1 and word[0].isupper()):
-                out.add(word.lower())
-    return out
-
-
-def is_forward(statement: str, question: str) -> bool:
-    """A question that leaves out every name and number of the statement ("What is my niece's name?",
-    not "What is Anouk's name?"): the kind a user asks later, when they need the memory."""
-    return not (named_words(statement) & _words(question))
-
-
-# Names the few-shot examples carry; a teacher question or answer with one that the statement lacks copied
-# it from an example ("... a girl named Rosalind.", "How does my neighbour Rosalind help me?").
-_SHOT_NAMES = frozenset().union(*(named_words(" ".join(shot)) for shot in SHOTS))
-
-
-def copies_a_shot(text: str, *given: str) -> bool:
-    """`text` carries a few-shot example's name that none of `given` (the statement, the question) has."""
-    return bool((_SHOT_NAMES & _words(text)).difference(*(_words(g) for g in given)))
-
-
 class Consolidator:
     """Consolidates statements into the gradient module of one backend (its frozen model teaches)."""
 
@@ -220,50 +164,18 @@ class Consolidator:
         return [s for s in sentences(text) if not is_question(s) and gate_score(view, layer, s) >= 0.0]
 
     # --- the teacher ---------------------------------------------------------------------------
-    def _complete(self, text: str, decoding: DecodingConfig) -> str:
-        """The frozen model's continuation of raw `text` up to the end of the line."""
-        fmt = self.backend.formatter
-        out: list[int] = []
-        for tok in self.backend.generate(fmt.encode(text), decoding):
-            out.append(tok)
-            if "\n" in fmt.decode(out):
-                break
-        return fmt.decode(out).split("\n")[0].strip()
+    @cached_property
+    def teacher(self) -> Teacher:
+        cfg = self.config
+        return Teacher(self.backend, TeacherConfig(questions=cfg.questions, forward_tries=cfg.forward_tries,
+                                                   temperature=cfg.temperature, max_tokens=cfg.answer_tokens,
+                                                   seed=cfg.seed))
 
     def examples(self, statement: str) -> tuple[list[Example], list[tuple[str, str]]]:
         """Questions the frozen model asks about `statement`, each with the answer it gives reading it;
         and the (question, answer) pairs dropped because the answer did not use the statement."""
-        cfg = self.config
-        kept: list[Example] = []
-        dropped: list[tuple[str, str]] = []
-        seen: set[str] = set()
-        # One shot order: every generation shares the few-shot head, which the session cache then reuses.
-        head = "".join(f"Statement: {s}\nQuestion: {q}\nAnswer: {a}\n\n" for s, q, a in SHOTS)
-        with self.backend.frozen():
-            for k in range(cfg.questions + cfg.forward_tries):
-                # Past `questions`, sample on only while no kept question is forward, and keep only forward
-                # ones: a statement whose questions all name the answer gave its chapter no route from the
-                # question a user asks ("What is Priya's name?" and no "What is my sister's name?").
-                extra = k >= cfg.questions
-                if extra and any(is_forward(statement, e.question) for e in kept):
-                    break
-                ask = DecodingConfig(strategy="greedy" if k == 0 else "sample", temperature=cfg.temperature,
-                                     max_tokens=cfg.answer_tokens, seed=cfg.seed + k, repetition_penalty=1.0)
-                question = self._complete(f"{head}Statement: {statement}\nQuestion:", ask)
-                if not question.endswith("?") or question.lower() in seen:
-                    continue
-                seen.add(question.lower())
-                if (extra and not is_forward(statement, question)) or copies_a_shot(question, statement):
-                    continue
-                answer = self._complete(f"{head}Statement: {statement}\nQuestion: {question}\nAnswer:",
-                                        DecodingConfig(strategy="greedy", max_tokens=cfg.answer_tokens,
-                                                       repetition_penalty=1.0))
-                if (not answer or not uses_statement(statement, question, answer)
-                        or copies_a_shot(answer, statement, question)):
-                    dropped.append((question, answer))
-                    continue
-                kept.append(self.example(question, answer))
-        return kept, dropped
+        kept, dropped = self.teacher.pairs(statement)
+        return [self.example(q, a) for q, a in kept], dropped
 
     @cached_property
     def _end_id(self) -> int:

@@ -13,18 +13,12 @@ import pytest
 from lmm.backends import DecodingConfig
 from lmm.bench.runner import select_modules
 from lmm.commands import run_command
-from lmm.consolidation import (
-    ConsolidationConfig,
-    Consolidator,
-    copies_a_shot,
-    is_forward,
-    named_words,
-    uses_statement,
-)
+from lmm.consolidation import ConsolidationConfig, Consolidator
 from lmm.engine import ChatEngine, EngineConfig
 from lmm.memory import get_memory_spec, memory_names
 from lmm.memory.base import GradientMemory
 from lmm.session import ChatSession
+from lmm.teacher import copies_a_shot, is_forward, named_words, uses_statement
 
 GRADIENT = [n for n in memory_names() if issubclass(get_memory_spec(n).module_cls, GradientMemory)]
 # Strong enough to move a random tiny model in a few updates; the defaults are tuned on SmolLM2.

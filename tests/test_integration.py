@@ -142,3 +142,34 @@ def test_a_chat_of_statements_through_the_cli_does_not_echo_its_first_reply(embe
     second = run_chat(args, b"How old is my son?\n", tmp_path, timeout=600)
     assert second.returncode == 0, second.stderr.decode()[-2000:]
     assert "Our son Kuba is nine." in [r["text"] for r in json.loads(second.stdout.decode())["read"]]
+
+
+@pytest.mark.parametrize("backend_name", ["torch", pytest.param("mlx_lm", marks=pytest.mark.mlx)])
+def test_teacher_rows_are_the_one_at_a_time_questions_and_answers(embedded, backend_name: str) -> None:
+    """The teacher's batched rows give the questions and answers the frozen model writes one at a time
+    (its own `generate`, the seeds and prompts of the rows), and most rows answer inside the batch."""
+    from lmm.teacher import Teacher, TeacherConfig, answer_prompt, question_prompt
+
+    backend = load_backend(backend_name, embedded.path, embedded.model_id)
+    config = TeacherConfig(questions=4, forward_tries=0, temperature=0.8, max_tokens=32, seed=0)
+    rows = Teacher(backend, config)._rows(FACT, range(4))
+    fmt = backend.formatter
+
+    def line(text: str, decoding: DecodingConfig) -> str:
+        out: list[int] = []
+        for tok in backend.generate(fmt.encode(text), decoding):
+            out.append(tok)
+            if "\n" in fmt.decode(out):
+                break
+        return fmt.decode(out).split("\n")[0].strip()
+
+    with backend.frozen():
+        for k, row in enumerate(rows):
+            ask = DecodingConfig(strategy="greedy" if k == 0 else "sample", temperature=0.8, max_tokens=32, seed=k,
+                                 repetition_penalty=1.0)
+            assert row.question == line(question_prompt(FACT), ask)
+            if row.answer is not None:
+                greedy = DecodingConfig(strategy="greedy", max_tokens=32, repetition_penalty=1.0)
+                assert row.answer == line(answer_prompt(FACT, row.question), greedy)
+    assert sum(r.answer is not None for r in rows) >= 3
+    backend.close()
