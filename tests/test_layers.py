@@ -1,9 +1,9 @@
 """The import graph of `lmm/`: dependencies point one way, and no two packages import each other.
 
-Layers, top to bottom: the CLI and REPL (chat, repl, repl_text, commands), the session, the engine (engine,
-learning, consolidation, hook), the benchmark beside them, then `backends` and `memory`, which meet only through
-the shared types below them (types, ops, optim, chat_format, chat_tokenizer, state, lock, events, models,
-model_cache, testing).
+Layers, top to bottom: the CLI and REPL (chat, repl, repl_text, commands), the session, the engine
+(engine, learning, consolidation, teacher, hook), the benchmark beside them, then `backends` and `memory`,
+which meet only through the shared types below them (types, ops, optim, chat_format, chat_tokenizer,
+state, lock, events, models, model_cache, testing).
 Every `import` is read from the source, lazy ones inside functions included.
 """
 
@@ -19,7 +19,7 @@ LAYERS = [
     {"chat", "repl", "repl_text", "commands"},
     {"session"},
     {"bench"},
-    {"engine", "turns", "learning", "consolidation", "hook"},
+    {"engine", "turns", "learning", "consolidation", "teacher", "hook"},
     {"backends", "memory"},
     {"types", "ops", "optim", "chat_format", "chat_tokenizer", "state", "lock", "events", "models", "model_cache",
      "testing", "__init__"},
