@@ -239,9 +239,13 @@ class Consolidator:
         return changed / max(len(held_out), 1)
 
     # --- the student -----------------------------------------------------------------------------
-    def _answer_loss(self, ex: Example, phase: Phase = "train") -> Array:
-        ops = self.backend.ops
-        logits = self.backend.forward(ex.ids, self.backend.new_cache(), phase, keep=ex.positions)
+    def _answer_loss(self, ex: Example, phase: Phase = "train", hidden: Array | None = None) -> Array:
+        """The answer's cross-entropy; from `hidden`, the states leaving the module's layer that a scoring
+        pass captured, only the layers above the module run where the backend can start there."""
+        ops, be = self.backend.ops, self.backend
+        logits = None if hidden is None else be.forward_after_hook(hidden, phase, keep=ex.positions)
+        if logits is None:
+            logits = be.forward(ex.ids, be.new_cache(), phase, keep=ex.positions)
         return ops.mean(ops.cross_entropy(logits, ops.asarray(ex.targets, dtype="int32")))
 
     def _guard_loss(self, g: Guard) -> Array:
@@ -250,15 +254,17 @@ class Consolidator:
         p = ops.exp(g.logprobs)
         return ops.mean(ops.sum(p * (g.logprobs - ops.log_softmax(logits, -1)), axis=-1))
 
-    def _scored(self, hook: MemoryHook, examples: Sequence[Example]) -> tuple[float, list[Array | None]]:
-        """The examples' mean answer loss, and each one's states [T, d] entering the hooked layer, which
-        the same scoring pass captures (the frozen layers below the module make them)."""
-        ops, losses, hiddens = self.backend.ops, [], []
-        for ex in examples:
+    def _scored(self, hook: MemoryHook, examples: Sequence[Example],
+                hiddens: Sequence[Array | None] = ()) -> tuple[float, list[Array | None]]:
+        """The examples' mean answer loss, and each one's states [T, d] entering the module, which the
+        same scoring pass captures (the frozen layers below the module make them); given `hiddens`, those
+        states are where the pass starts."""
+        ops, losses, out = self.backend.ops, [], []
+        for ex, hidden in zip(examples, hiddens or [None] * len(examples), strict=True):
             hook.captured = None
-            losses.append(float(ops.to_numpy(self._answer_loss(ex, "score"))))
-            hiddens.append(hook.captured[0] if hook.captured is not None else None)
-        return float(np.mean(losses)), hiddens
+            losses.append(float(ops.to_numpy(self._answer_loss(ex, "score", hidden))))
+            out.append(hidden if hook.captured is None else hook.captured[0])
+        return float(np.mean(losses)), out
 
     def consolidate(self, module: GradientMemory, hook: MemoryHook, statement: str,
                     restore: Callable[[], None] | None = None) -> ConsolidationSummary:
@@ -294,9 +300,10 @@ class Consolidator:
                     chosen = [g for g in chosen if module.affects(g.prompt)]  # the rest stay as they are
                     self._turn += cfg.guards_per_step
 
-                    def loss(params: Params, ex: Example = ex, chosen: list[Guard] = chosen) -> Array:
+                    def loss(params: Params, ex: Example = ex, chosen: list[Guard] = chosen,
+                             hidden: Array | None = hidden) -> Array:
                         with module.bound(params):
-                            total = self._answer_loss(ex)
+                            total = self._answer_loss(ex, hidden=hidden)
                             for g in chosen:
                                 total = total + cfg.guard_weight / len(chosen) * self._guard_loss(g)
                         return total
@@ -304,7 +311,7 @@ class Consolidator:
                     module.learn(LearnBatch(input_ids=ex.ids, positions=ex.positions, target_ids=ex.targets,
                                             hidden=hidden, loss=loss))
                     summary.updates += 1
-        summary.loss_after, _ = self._scored(hook, examples)
+        summary.loss_after, _ = self._scored(hook, examples, hiddens)
         summary.drift = self.drift(module)
         if summary.drift > cfg.max_drift and restore is not None:
             restore()

@@ -152,6 +152,44 @@ def test_rows_decode_as_generate_does_one_at_a_time(backend_name: str, family: s
         backend.remove_hook()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_after_the_hook_equals_the_whole_forward(backend_name: str, family: str, tiny_backend) -> None:
+    """From the states a scoring pass captured at the hooked layer, the layers above it give the whole
+    forward's logits and gradients (the hook's parameter), with the hook applied; where a backend cannot
+    start there (mlx, models loaded through transformers) it says so with None."""
+    import torch
+
+    backend = tiny_backend(backend_name, family)
+    ids = backend.formatter.generation_ids(MESSAGES)
+    captured = []
+    weight = backend.ops.asarray(np.full(64, 1.5, dtype=np.float32))
+
+    def hook(h, ctx: RewriteContext):
+        if ctx.phase == "score":
+            captured.append(h[0])
+        return h * weight
+
+    backend.install_hook(2, hook)
+    try:
+        whole = backend.ops.to_numpy(backend.forward(ids, backend.new_cache(), "score", keep=[3, len(ids) - 1]))
+        after = backend.forward_after_hook(captured[-1], "score", keep=[3, len(ids) - 1])
+        if backend_name != "torch" or not backend.native:
+            assert after is None
+            return
+        np.testing.assert_allclose(backend.ops.to_numpy(after), whole, atol=2e-4, rtol=1e-4)
+        weight.requires_grad_(True)
+        grads = []
+        for logits in (backend.forward(ids, backend.new_cache(), "train"),
+                       backend.forward_after_hook(captured[0], "train")):
+            weight.grad = None
+            torch.log_softmax(logits, -1)[:, 7].sum().backward()
+            grads.append(weight.grad.clone().numpy())
+        np.testing.assert_allclose(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+        assert np.abs(grads[0]).max() > 0  # not vacuous: the hook's parameter reaches the logits
+    finally:
+        backend.remove_hook()
+
+
 def test_beam_search_torch(tiny_backend) -> None:
     backend = tiny_backend("torch", "llama")
     ids = backend.formatter.generation_ids(MESSAGES[:1])

@@ -188,6 +188,13 @@ class Backend(ABC):
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         raise BackendError(f"{self.name} has no beam search")
 
+    def forward_after_hook(self, hidden: Array, phase: Phase, keep: Sequence[int] | None = None) -> Array | None:
+        """The logits [len(keep) or T, vocab] of a sequence from position 0 whose states leaving the hooked
+        layer, before the hook, are `hidden` [T, d]: the hook, then only the layers above it run (no extra
+        keys/values). None where a backend cannot start there; the caller then runs `forward`. Why: a
+        module's training forwards recompute the frozen layers below it, half the model, for nothing."""
+        return None
+
     def prepare_thread(self) -> None:
         """Run once on every thread, other than the loading one, that will use this backend (the
         engine's update thread). The default needs nothing."""

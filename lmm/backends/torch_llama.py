@@ -286,21 +286,24 @@ class CausalLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.args.num_hidden_layers)
 
-    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int | torch.Tensor = 0, use_cache: bool = True) -> Output:
-        b, t = input_ids.shape
+                logits_to_keep: int | torch.Tensor = 0, use_cache: bool = True,
+                hidden: torch.Tensor | None = None, first_layer: int = 0) -> Output:
+        """Logits of `input_ids`; or, given `hidden` [batch, t, d], the states entering layer
+        `first_layer`, of the layers from there on (the layers below are not run)."""
+        x = self.model.embed_tokens(input_ids) if hidden is None else hidden
+        t = x.shape[1]
         past = 0 if cache is None else cache.get_seq_length()
         if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=input_ids.device)[None]
-        x = self.model.embed_tokens(input_ids)
+            position_ids = torch.arange(past, past + t, device=x.device)[None]
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [batch, 1 (heads), t, head dim]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = attention_mask
         if mask is None and t > 1 and past:  # bottom-right causal: query i sees keys up to past + i
             mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)[None, None]
-        for layer in self.model.layers:
+        for layer in self.model.layers[first_layer:]:
             x = layer(x, cos, sin, cache if use_cache else None, mask)
         if isinstance(logits_to_keep, int):
             x = x[:, -logits_to_keep:] if logits_to_keep else x
