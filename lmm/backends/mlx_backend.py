@@ -30,7 +30,7 @@ from lmm.backends.base import (
 from lmm.chat_format import ChatFormatter
 from lmm.chat_tokenizer import load_tokenizer
 from lmm.ops import Params
-from lmm.types import Captured, HookFn
+from lmm.types import Captured, HookFn, Phase, RewriteContext
 
 
 @dataclass
@@ -113,6 +113,9 @@ class MlxOps:
         mx.eval(*xs)
 
 
+PLAIN_STACKS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 class MlxBackend(Backend):
     name = "mlx_lm"
     supports_beam = False
@@ -138,6 +141,13 @@ class MlxBackend(Backend):
         self.hidden_size = int(text_cfg["hidden_size"])
         self.layer_path, self.layers = find_layers(self.model, int(text_cfg["num_hidden_layers"]))
         self.num_layers = len(self.layers)
+        # `forward_after_hook` runs the layers above the hook itself where the model is a plain stack of
+        # full-attention blocks under `model.model` (mlx_lm's llama, mistral, qwen2, qwen3)
+        inner = getattr(self.model, "model", None)
+        self._stackable = (config.get("model_type") in PLAIN_STACKS and self.layer_path == "model.layers"
+                           and hasattr(inner, "norm") and hasattr(inner, "embed_tokens")
+                           and not any(getattr(layer, "use_sliding", False) for layer in self.layers))
+        self._hook_layer = -1
         self.context_length = int(text_cfg.get("max_position_embeddings") or 2048)
         eos = config.get("eos_token_id") or []
         self.formatter = ChatFormatter(tokenizer, eos if isinstance(eos, list) else [eos])
@@ -187,7 +197,7 @@ class MlxBackend(Backend):
 
         target.__class__ = type(f"Hooked{original.__name__}", (original,), {"__call__": __call__})
         self._hooked = (target, original)
-        self.installed_hook = hook
+        self.installed_hook, self._hook_layer = hook, layer
 
     def remove_hook(self) -> None:
         if self._hooked is not None:
@@ -243,6 +253,28 @@ class MlxBackend(Backend):
         finally:
             self._keep = None
         if not grad:
+            mx.eval(logits)
+        return logits
+
+    def forward_after_hook(self, hidden: mx.array, phase: Phase, keep: Sequence[int] | None = None) -> mx.array | None:
+        hook = self.installed_hook
+        if not self._stackable or hook is None or self.extra_kv is not None:
+            return None
+        inner = self.model.model
+        self.hook_context = RewriteContext(phase=phase, offset=0)
+        try:
+            h = hidden[None] if self._bypass_hook else hook(hidden[None], self.hook_context)
+            mask = "causal" if h.shape[1] > 1 else None  # what mlx_lm's create_attention_mask gives without a cache
+            for layer in self.layers[self._hook_layer + 1:]:
+                h = layer(h, mask, None)
+            if keep is not None:
+                h = h[:, mx.array(list(keep), dtype=mx.int32)]
+            h = inner.norm(h)
+            tied = getattr(getattr(self.model, "args", None), "tie_word_embeddings", not hasattr(self.model, "lm_head"))
+            logits = (inner.embed_tokens.as_linear(h) if tied else self.model.lm_head(h))[0].astype(mx.float32)
+        finally:
+            self.hook_context = RewriteContext(phase="generate", offset=0)
+        if phase != "train":
             mx.eval(logits)
         return logits
 
