@@ -5,30 +5,28 @@ primitives (a forward pass on a cache, cache views and truncation, the layer hoo
 this base class builds the rest on them: prompt-prefix reuse, the system prompt's frozen state
 (`frozen_prefix`, which `capture` and `token_logprobs` start from), the decode loop (its per-token
 steps, from the repetition guard to sampling and the memory contrast, are `lmm.backends.decoding`),
-prefix-conditioned scoring for memory updates, and `BackendView`, the
-`lmm.types.ModelView` a memory module is given. It holds no memory-module logic (that is
-`lmm.memory`, which it never imports) and no UI.
+rows of one prompt decoded in lockstep (`decode_rows`), prefix-conditioned scoring for memory updates,
+and the `BackendView` (`lmm.backends.view`) a memory module is given. It holds no memory-module logic
+(that is `lmm.memory`, which it never imports) and no UI.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 
 from lmm.backends.decoding import DecodingConfig, NgramBlocker, contrast_scores, penalize_repeats, sample_token
+from lmm.backends.view import BackendView
 from lmm.chat_format import ChatFormatter
-from lmm.model_cache import cached_arrays, model_fingerprint
 from lmm.ops import Array, Ops
-from lmm.types import Captured, EncodedTurn, ExtraKV, HookFn, Phase, RewriteContext
-
-T = TypeVar("T")
+from lmm.types import Captured, ExtraKV, HookFn, Phase, RewriteContext
 
 # Where decoder layers live, by attribute path, across the supported families.
 LAYER_PATHS = (
@@ -475,45 +473,3 @@ class _PlainStream:
         self.scores = self._forward([tok])
         self.tokens.append(tok)
         self.backend._plain_cache = kept
-
-
-class BackendView:
-    """A backend as a memory module sees it (`lmm.types.ModelView`): sizes, turn encoding, captures of
-    the frozen model, extra keys/values to read, and a per-model memo. Nothing else of the backend."""
-
-    def __init__(self, backend: Backend) -> None:
-        self._backend = backend
-        self._memo: dict[Hashable, Any] = {}
-        self.backend_name = backend.name
-        self.num_layers = backend.num_layers
-        self.hidden_size = backend.hidden_size
-        self.ops = backend.ops
-
-    def encode_turn(self, text: str) -> EncodedTurn:
-        return self._backend.formatter.standalone_turn(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._backend.formatter.decode(list(ids))
-
-    def capture(self, ids: Sequence[int], *, hidden_layers: Sequence[int] = (),
-                kv_layers: Sequence[int] = (), shift: int = 0) -> Captured:
-        return self._backend.capture(ids, hidden_layers=hidden_layers, kv_layers=kv_layers, shift=shift)
-
-    def token_logprobs(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        return self._backend.token_logprobs(batch)
-
-    def read(self, extra: ExtraKV | None) -> None:
-        self._backend.set_extra_kv(extra)
-
-    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
-
-    def stored(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """`memo` for arrays that are also kept on disk, so a new process skips the computation
-        (`lmm.model_cache`); the key must change whenever what `compute` does changes."""
-        b = self._backend  # the model folder is read once per view, not once per key
-        fingerprint = self.memo("fingerprint", lambda: model_fingerprint(b.model_path, b.model_id, b.name,
-                                                                         b.precision))
-        return self.memo(("stored", key), lambda: cached_arrays(fingerprint, key, compute))
