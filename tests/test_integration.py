@@ -152,24 +152,14 @@ def test_teacher_rows_are_the_one_at_a_time_questions_and_answers(embedded, back
 
     backend = load_backend(backend_name, embedded.path, embedded.model_id)
     config = TeacherConfig(questions=4, forward_tries=0, temperature=0.8, max_tokens=32, seed=0)
-    rows = Teacher(backend, config)._rows(FACT, range(4))
-    fmt = backend.formatter
-
-    def line(text: str, decoding: DecodingConfig) -> str:
-        out: list[int] = []
-        for tok in backend.generate(fmt.encode(text), decoding):
-            out.append(tok)
-            if "\n" in fmt.decode(out):
-                break
-        return fmt.decode(out).split("\n")[0].strip()
-
-    with backend.frozen():
-        for k, row in enumerate(rows):
-            ask = DecodingConfig(strategy="greedy" if k == 0 else "sample", temperature=0.8, max_tokens=32, seed=k,
-                                 repetition_penalty=1.0)
-            assert row.question == line(question_prompt(FACT), ask)
-            if row.answer is not None:
-                greedy = DecodingConfig(strategy="greedy", max_tokens=32, repetition_penalty=1.0)
-                assert row.answer == line(answer_prompt(FACT, row.question), greedy)
+    teacher = Teacher(backend, config)
+    rows = teacher._rows(FACT, range(4))
+    for k, row in enumerate(rows):  # `_complete`: one `generate` of the frozen model to the end of the line
+        ask = DecodingConfig(strategy="greedy" if k == 0 else "sample", temperature=0.8, max_tokens=32, seed=k,
+                             repetition_penalty=1.0)
+        assert row.question == teacher._complete(question_prompt(FACT), ask)
+        if row.answer is not None:
+            greedy = DecodingConfig(strategy="greedy", max_tokens=32, repetition_penalty=1.0)
+            assert row.answer == teacher._complete(answer_prompt(FACT, row.question), greedy)
     assert sum(r.answer is not None for r in rows) >= 3
     backend.close()

@@ -143,6 +143,7 @@ class Backend(ABC):
         self._rows_cache: tuple[Any, list[int]] | None = None  # the last prompt `decode_rows` ran (frozen)
         self.last_stats = GenerationStats()
         self.installed_hook: HookFn | None = None  # set by install_hook, cleared by remove_hook
+        self._hook_layer = -1  # the layer `installed_hook` is on
         self.extra_kv: ExtraKV | None = None  # attention memory read by every forward (set_extra_kv)
         self._bypass_hook = False  # True during `capture`: the frozen model, no memory
         self._view: BackendView | None = None
@@ -186,11 +187,9 @@ class Backend(ABC):
     def beam_search(self, prompt_ids: list[int], decoding: DecodingConfig, stop_ids: set[int]) -> list[int]:
         raise BackendError(f"{self.name} has no beam search")
 
-    def forward_after_hook(self, hidden: Array, phase: Phase, keep: Sequence[int] | None = None) -> Array | None:
-        """The logits [len(keep) or T, vocab] of a sequence from position 0 whose states leaving the hooked
-        layer, before the hook, are `hidden` [T, d]: the hook, then only the layers above it run (no extra
-        keys/values). None where a backend cannot start there; the caller then runs `forward`. Why: a
-        module's training forwards recompute the frozen layers below it, half the model, for nothing."""
+    def _forward_above(self, hidden: Array, hook: HookFn, grad: bool, keep: Sequence[int] | None) -> Array | None:
+        """`hook` on `hidden` [1, T, d], then the layers above the hooked one: float32 logits [len(keep) or T,
+        vocab]. None where this model cannot be started there (the default)."""
         return None
 
     def prepare_thread(self) -> None:
@@ -272,6 +271,24 @@ class Backend(ABC):
         self.hook_context = RewriteContext(phase=phase, offset=offset)
         try:
             return self._forward(ids, cache, grad=phase == "train", keep=keep)
+        finally:
+            self.hook_context = RewriteContext(phase="generate", offset=0)
+
+    def forward_after_hook(self, hidden: Array, phase: Phase, keep: Sequence[int] | None = None) -> Array | None:
+        """The logits [len(keep) or T, vocab] of a sequence from position 0 whose states leaving the hooked
+        layer, before the hook, are `hidden` [T, d]: the hook, then only the layers above it run (no extra
+        keys/values). None where a backend cannot start there; the caller then runs `forward`. Why: a
+        module's training forwards recompute the frozen layers below it, half the model, for nothing."""
+        hook = self.installed_hook
+        if hook is None or self.extra_kv is not None:
+            return None
+        self.hook_context = RewriteContext(phase=phase, offset=0)
+
+        def apply(h: Array) -> Array:
+            return h if self._bypass_hook else hook(h, self.hook_context)
+
+        try:
+            return self._forward_above(hidden[None], apply, grad=phase == "train", keep=keep)
         finally:
             self.hook_context = RewriteContext(phase="generate", offset=0)
 

@@ -30,7 +30,7 @@ from lmm.backends.base import (
 from lmm.chat_format import ChatFormatter
 from lmm.chat_tokenizer import load_tokenizer
 from lmm.ops import Params
-from lmm.types import Captured, HookFn, Phase, RewriteContext
+from lmm.types import Captured, HookFn
 
 
 @dataclass
@@ -147,7 +147,6 @@ class MlxBackend(Backend):
         self._stackable = (config.get("model_type") in PLAIN_STACKS and self.layer_path == "model.layers"
                            and hasattr(inner, "norm") and hasattr(inner, "embed_tokens")
                            and not any(getattr(layer, "use_sliding", False) for layer in self.layers))
-        self._hook_layer = -1
         self.context_length = int(text_cfg.get("max_position_embeddings") or 2048)
         eos = config.get("eos_token_id") or []
         self.formatter = ChatFormatter(tokenizer, eos if isinstance(eos, list) else [eos])
@@ -256,25 +255,20 @@ class MlxBackend(Backend):
             mx.eval(logits)
         return logits
 
-    def forward_after_hook(self, hidden: mx.array, phase: Phase, keep: Sequence[int] | None = None) -> mx.array | None:
-        hook = self.installed_hook
-        if not self._stackable or hook is None or self.extra_kv is not None:
+    def _forward_above(self, hidden: mx.array, hook: HookFn, grad: bool, keep: Sequence[int] | None) -> mx.array | None:
+        if not self._stackable:
             return None
         inner = self.model.model
-        self.hook_context = RewriteContext(phase=phase, offset=0)
-        try:
-            h = hidden[None] if self._bypass_hook else hook(hidden[None], self.hook_context)
-            mask = "causal" if h.shape[1] > 1 else None  # what mlx_lm's create_attention_mask gives without a cache
-            for layer in self.layers[self._hook_layer + 1:]:
-                h = layer(h, mask, None)
-            if keep is not None:
-                h = h[:, mx.array(list(keep), dtype=mx.int32)]
-            h = inner.norm(h)
-            tied = getattr(getattr(self.model, "args", None), "tie_word_embeddings", not hasattr(self.model, "lm_head"))
-            logits = (inner.embed_tokens.as_linear(h) if tied else self.model.lm_head(h))[0].astype(mx.float32)
-        finally:
-            self.hook_context = RewriteContext(phase="generate", offset=0)
-        if phase != "train":
+        h = hook(hidden)
+        mask = "causal" if h.shape[1] > 1 else None  # what mlx_lm's create_attention_mask gives without a cache
+        for layer in self.layers[self._hook_layer + 1:]:
+            h = layer(h, mask, None)
+        if keep is not None:
+            h = h[:, mx.array(list(keep), dtype=mx.int32)]
+        h = inner.norm(h)
+        head = getattr(self.model, "lm_head", None)  # mlx_lm makes one only for untied embeddings
+        logits = (inner.embed_tokens.as_linear(h) if head is None else head(h))[0].astype(mx.float32)
+        if not grad:
             mx.eval(logits)
         return logits
 

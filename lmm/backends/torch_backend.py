@@ -36,7 +36,7 @@ from lmm.backends.base import (
 from lmm.chat_format import ChatFormatter
 from lmm.chat_tokenizer import load_tokenizer
 from lmm.ops import Params
-from lmm.types import Captured, HookFn, Phase, RewriteContext
+from lmm.types import Captured, HookFn
 
 RUNTIMES = ("auto", "transformers")  # auto: this package's llama-family file where it covers the model
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -194,7 +194,6 @@ class TorchBackend(Backend):
         self.formatter = ChatFormatter(load_tokenizer(model_path, local_files_only=local_files_only), eos)
         self.ops = TorchOps(self.device)
         self._hook_handle: Any = None
-        self._hook_layer = -1
         # transformers 5.x renamed `past_key_values` to `cache`; accept both spellings.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -268,20 +267,14 @@ class TorchBackend(Backend):
                              **{self._cache_kw: cache})
         return out.logits[0].float()
 
-    def forward_after_hook(self, hidden: torch.Tensor, phase: Phase,
-                           keep: Sequence[int] | None = None) -> torch.Tensor | None:
-        hook = self.installed_hook
-        if not self.native or hook is None or self.extra_kv is not None:
+    def _forward_above(self, hidden: torch.Tensor, hook: HookFn, grad: bool,
+                       keep: Sequence[int] | None) -> torch.Tensor | None:
+        if not self.native:
             return None
-        self.hook_context = RewriteContext(phase=phase, offset=0)
         to_keep: Any = 0 if keep is None else torch.tensor(list(keep), dtype=torch.long, device=self.device)
-        try:
-            with nullcontext() if phase == "train" else torch.no_grad():
-                h = hidden[None] if self._bypass_hook else hook(hidden[None], self.hook_context)
-                out = self.model(hidden=h, first_layer=self._hook_layer + 1, cache=None, use_cache=False,
-                                 logits_to_keep=to_keep)
-        finally:
-            self.hook_context = RewriteContext(phase="generate", offset=0)
+        with nullcontext() if grad else torch.no_grad():
+            out = self.model(hidden=hook(hidden), first_layer=self._hook_layer + 1, cache=None, use_cache=False,
+                             logits_to_keep=to_keep)
         return out.logits[0].float()
 
     def _repeat_rows(self, cache: Any, n: int) -> None:
