@@ -31,12 +31,14 @@ message; 0 of 10 when such positions are not written). `LearnBatch` does not say
 positions are the user's own text, so the module cannot skip them yet.
 
 With `--consolidate`, each statement gets a table of its own instead, opened by its fact gate
-(`lmm.memory.fact_gate`): rows keyed by the first `fact_bits` bits of the same codes (coarser, so that
-the answer's positions after a question in other words land on a trained row; the gate, not the
-code, keeps other replies alone), read within Hamming radius `fact_radius` and scaled by `fact_scale`;
-an update trains the rows of the codes that predict the teacher's answer (new ones start at zero).
-The shared table's exact 16-bit rows rarely fired on a question in other words, and coarser shared
-codes reached unrelated replies (docs/consolidation.md).
+(`lmm.memory.fact_gate`): rows keyed by the first `fact_bits` bits of the same codes, each position
+reading the nearest row within Hamming radius `fact_radius`, scaled by `fact_scale`. An update trains
+the rows nearest the codes that predict the teacher's answer, and adds a zero row for a code with none
+within the radius; at the default radius (the full 16 bits) only the first update adds rows, one per
+position of the first answer, and every position of a reply the gate opens reads the most similar of
+them. The gate, not the code, keeps other replies alone. The shared table's exact rows rarely fired on
+a question in other words, coarser shared codes reached unrelated replies, and coarse 8-bit fact rows
+within radius 2 carried the subject but often not the value (docs/consolidation.md).
 
 It owns no token selection (shared, `lmm.memory.base`) and no model code. The optimizer
 moments are reset at every update: the rows trained change from one message to the next.
@@ -70,11 +72,11 @@ class HashGradientConfig(FactGateConfig):
     radius: int = 0  # Hamming radius of the lookup: 0 reads exact codes only
     max_rows: int = 16384  # 0: unbounded
     center: bool = True  # subtract the calibrated mean direction before hashing
-    # A consolidated statement's rows: code bits, lookup radius, scale relative to the seed rows'. Dev, first
-    # 8 facts: bits 10 radius 1 scale 1 recalled 1 of 5; 8/2/1 3 of 8; 6/2/1 3 of 8; 8/2/4 5 of 8; 8/2/8
-    # 2 of 3 with broken replies ("My name? I. ...").
-    fact_bits: int = 8
-    fact_radius: int = 2
+    # A consolidated statement's rows: code bits, lookup radius (fact_bits: each position reads its nearest
+    # row), scale relative to the seed rows'. 32 dev facts, one per memory: 16/16/4 recalled 21; 12/12/4 15;
+    # 8/2/4 (stop 23-32) 14; 16 bits, new rows past distance 3, 18 (docs/consolidation.md, stop 33).
+    fact_bits: int = 16
+    fact_radius: int = 16
     fact_scale: float = 4.0
 
     def __post_init__(self) -> None:
@@ -87,8 +89,8 @@ class HashGradientConfig(FactGateConfig):
             raise ValueError(f"max_rows must be >= 0 (0: unbounded), got {self.max_rows}")
         if not 4 <= self.fact_bits <= self.bits:
             raise ValueError(f"fact_bits must be in 4..bits={self.bits}, got {self.fact_bits}")
-        if not 0 <= self.fact_radius <= MAX_RADIUS:
-            raise ValueError(f"fact_radius must be in 0..{MAX_RADIUS}, got {self.fact_radius}")
+        if not 0 <= self.fact_radius <= self.fact_bits:
+            raise ValueError(f"fact_radius must be in 0..fact_bits={self.fact_bits}, got {self.fact_radius}")
         if not self.fact_scale > 0:
             raise ValueError(f"fact_scale must be > 0, got {self.fact_scale}")
 
@@ -124,7 +126,6 @@ class HashGradientMemory(FactGate, GradientMemory):
             "calib_count": ops.asarray(np.zeros(1, np.int64), dtype="int64"),
         }
         self._masks = flip_masks(bits, config.radius)
-        self._fact_masks = flip_masks(config.fact_bits, config.fact_radius)
         self._fact_bits = np.int64((1 << config.fact_bits) - 1)
         self._shifts = np.left_shift(np.int64(1), np.arange(bits, dtype=np.int64))
         self._train: _TrainView | None = None
@@ -351,7 +352,7 @@ class HashGradientMemory(FactGate, GradientMemory):
         codes = (self._hash(hidden) & self._fact_bits).reshape(-1)
         out = ops.astype(hidden, "float32")
         for i in facts:
-            slot = self._lookup(codes, ops.to_numpy(self.buffers[f"fact{i}.keys"]), self._fact_masks)
+            slot = nearest(codes, ops.to_numpy(self.buffers[f"fact{i}.keys"]), self.config.fact_radius)
             if not np.any(slot >= 0):
                 continue
             table = ops.concat([ops.zeros((1, self.hidden_size)), p[f"fact{i}.rows"]], axis=0)
@@ -366,7 +367,7 @@ class HashGradientMemory(FactGate, GradientMemory):
         codes = self._hash(batch.hidden) & self._fact_bits
         keys = ops.to_numpy(self.buffers[f"fact{i}.keys"]).astype(np.int64)
         want = codes[np.asarray(batch.positions, dtype=np.int64)]
-        new = np.unique(want[self._lookup(want, keys, self._fact_masks) < 0])
+        new = np.unique(want[nearest(want, keys, self.config.fact_radius) < 0])
         rows = self.params[f"fact{i}.rows"]
         if new.size:
             order = np.argsort(np.concatenate([keys, new]), kind="stable")
@@ -398,3 +399,20 @@ def flip_masks(bits: int, radius: int) -> list[np.ndarray]:
         np.array([sum(1 << b for b in c) for c in itertools.combinations(range(bits), r)], np.int64)
         for r in range(1, radius + 1)
     ]
+
+
+def nearest(codes: np.ndarray, keys: np.ndarray, radius: int) -> np.ndarray:
+    """Per code, the index in sorted `keys` of the nearest key within Hamming distance `radius` (the smallest
+    key on ties, as `_lookup`), or -1. Compares every pair: a fact's table holds tens of keys, not thousands."""
+    codes = np.asarray(codes, np.int64).reshape(-1)
+    if keys.shape[0] == 0:
+        return np.full(codes.shape, -1, np.int64)
+    dist = popcount(codes[:, None] ^ keys[None, :])
+    best = dist.argmin(axis=1)  # the first minimum, so the smallest key
+    return np.where(dist[np.arange(codes.shape[0]), best] <= radius, best, -1).astype(np.int64)
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each non-negative int64 below 2**32 (numpy < 2 has no bitwise_count)."""
+    b = np.ascontiguousarray(x, dtype="<u4").view(np.uint8).reshape(*x.shape, 4)
+    return np.unpackbits(b, axis=-1).sum(-1, dtype=np.int64)
