@@ -25,7 +25,7 @@ def test_nearest_agrees_with_the_flip_mask_lookup(bits: int, radius: int) -> Non
 def test_radius_of_the_code_width_reads_the_nearest_key() -> None:
     keys = np.array([0b0000_0000, 0b1111_0000, 0b1111_1111], np.int64)
     codes = np.array([0b0000_0001, 0b0111_0000, 0b0111_1111, 0b0011_1100], np.int64)
-    assert nearest(codes, keys, 8).tolist() == [0, 1, 2, 0]  # the last is 4 from keys 0 and 1: the smaller
+    assert nearest(codes, keys, 8).tolist() == [0, 1, 2, 0]  # the last is 4 from every key: the smallest
     assert nearest(codes, keys, 1).tolist() == [0, 1, 2, -1]
     assert nearest(codes, np.zeros(0, np.int64), 8).tolist() == [-1] * 4
 
