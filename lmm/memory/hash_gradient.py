@@ -207,26 +207,6 @@ class HashGradientMemory(FactGate, GradientMemory):
         z = ops.to_numpy(h @ self.buffers["proj"]) - self._center_proj
         return ((z > 0).astype(np.int64) * self._shifts).sum(-1)
 
-    def _lookup(self, codes: np.ndarray, keys: np.ndarray, flips: list[np.ndarray] | None = None) -> np.ndarray:
-        """Per code, the index in `keys` of the nearest key within the radius (smallest key on ties), or -1."""
-        out = np.full(codes.shape, -1, np.int64)
-        n = keys.shape[0]
-        if n == 0:
-            return out
-        pos = np.minimum(np.searchsorted(keys, codes), n - 1)
-        exact = keys[pos] == codes
-        out[exact] = pos[exact]
-        for masks in (self._masks if flips is None else flips)[1:]:
-            todo = np.flatnonzero(out < 0)
-            if todo.size == 0:
-                break
-            cand = codes[todo][:, None] ^ masks[None, :]
-            pos = np.minimum(np.searchsorted(keys, cand), n - 1)
-            best = np.where(keys[pos] == cand, pos, n).min(axis=1)
-            ok = best < n
-            out[todo[ok]] = best[ok]
-        return out
-
     # --- rewrite ----------------------------------------------------------------------------
     def rewrite(self, hidden: Array, ctx: RewriteContext) -> Array:
         p = self.p
@@ -248,7 +228,7 @@ class HashGradientMemory(FactGate, GradientMemory):
             if codes.shape == (1, view.codes.shape[0]) and np.mean(codes[0] == view.codes) > 0.9:
                 codes = view.codes.reshape(1, -1)
             keys, src = view.keys, view.src
-        slot = self._lookup(codes.reshape(-1), keys)
+        slot = flip_lookup(codes.reshape(-1), keys, self._masks)
         hit = slot >= 0
         if ctx.phase == "generate":
             self.generate_hits += int(hit.sum())
@@ -289,7 +269,7 @@ class HashGradientMemory(FactGate, GradientMemory):
             return self._fact_trainable(batch)
         codes = self._hash(batch.hidden)
         want = codes[np.asarray(batch.positions, dtype=np.int64)]
-        slot = self._lookup(want, self._keys)
+        slot = flip_lookup(want, self._keys, self._masks)
         trained = np.unique(slot[slot >= 0])
         new_codes = np.unique(want[slot < 0])
         n, k = self._keys.shape[0], trained.shape[0]
@@ -401,9 +381,31 @@ def flip_masks(bits: int, radius: int) -> list[np.ndarray]:
     ]
 
 
+def flip_lookup(codes: np.ndarray, keys: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
+    """Per code, the index in sorted `keys` of the nearest key within the radius `masks` reach (the smallest
+    key on ties), or -1: a binary search per flipped code, for the seed table's thousands of keys."""
+    out = np.full(codes.shape, -1, np.int64)
+    n = keys.shape[0]
+    if n == 0:
+        return out
+    pos = np.minimum(np.searchsorted(keys, codes), n - 1)
+    exact = keys[pos] == codes
+    out[exact] = pos[exact]
+    for flips in masks[1:]:
+        todo = np.flatnonzero(out < 0)
+        if todo.size == 0:
+            break
+        cand = codes[todo][:, None] ^ flips[None, :]
+        pos = np.minimum(np.searchsorted(keys, cand), n - 1)
+        best = np.where(keys[pos] == cand, pos, n).min(axis=1)
+        ok = best < n
+        out[todo[ok]] = best[ok]
+    return out
+
+
 def nearest(codes: np.ndarray, keys: np.ndarray, radius: int) -> np.ndarray:
     """Per code, the index in sorted `keys` of the nearest key within Hamming distance `radius` (the smallest
-    key on ties, as `_lookup`), or -1. Compares every pair: a fact's table holds tens of keys, not thousands."""
+    key on ties, as `flip_lookup`), or -1. Compares every pair: a fact's table holds tens of keys, not thousands."""
     codes = np.asarray(codes, np.int64).reshape(-1)
     if keys.shape[0] == 0:
         return np.full(codes.shape, -1, np.int64)
