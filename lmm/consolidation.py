@@ -14,7 +14,9 @@ share no benchmark wording. It does not schedule consolidation (the engine does)
 Why distil instead of training on the statement: a model trained on a statement's own tokens learns to
 complete the statement, not to answer questions about it (Allen-Zhu & Li, arXiv 2309.14316); the
 teacher-with-context / student-without recipe is Padmanabhan et al. (arXiv 2306.09306) and Cartridges
-(arXiv 2506.06266). docs/consolidation.md has the measurements.
+(arXiv 2506.06266). The seeds' signal stays available beside it: a module's `fact_statement_weight`
+adds the statement's own surprising tokens to what it learns (hash_gradient's default). docs/consolidation.md
+has the measurements.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from lmm.chat_format import Message
 from lmm.events import ConsolidationRecord, EventLog
 from lmm.hook import MemoryHook
 from lmm.learning import UpdateSummary
-from lmm.memory.base import GradientMemory, LearnBatch, coerce_option
+from lmm.memory.base import GradientMemory, LearnBatch, coerce_option, select_surprising
 from lmm.memory.trace_gate import digest, gate_score, is_question, sentences
 from lmm.ops import Array, Params
 from lmm.teacher import Teacher, TeacherConfig
@@ -239,6 +241,24 @@ class Consolidator:
         return changed / max(len(held_out), 1)
 
     # --- the student -----------------------------------------------------------------------------
+    def statement_example(self, statement: str) -> Example | None:
+        """`statement` as the user's turn, with its surprising tokens as targets: those the frozen model
+        finds less likely than the statement's mean (the seeds' selection); None when there are none."""
+        fmt, be, ops = self.backend.formatter, self.backend, self.backend.ops
+        messages = [*self.system, {"role": "user", "content": statement}]
+        turn = fmt.user_turn(messages, len(messages) - 1)
+        ids, n = turn.prefix_ids + turn.turn_ids, len(turn.prefix_ids)
+        content = [n + j for j, inside in enumerate(turn.content_mask) if inside and n + j > 0]
+        if not content:
+            return None
+        with be.frozen():
+            logits = be.forward(ids, be.new_cache(), "score", keep=[i - 1 for i in content])
+        losses = ops.to_numpy(ops.cross_entropy(logits, ops.asarray([ids[i] for i in content], dtype="int32")))
+        chosen = [content[k] for k in select_surprising(losses)]
+        if not chosen:
+            return None
+        return Example(statement, "", ids, [i - 1 for i in chosen], [ids[i] for i in chosen])
+
     def _answer_loss(self, ex: Example, phase: Phase = "train", hidden: Array | None = None) -> Array:
         """The answer's cross-entropy; from `hidden`, the states leaving the module's layer that a scoring
         pass captured, only the layers above the module run where the backend can start there."""
@@ -293,17 +313,24 @@ class Consolidator:
             return summary
         guards = self.guards()[:GUARD_TRAIN]
         summary.loss, hiddens = self._scored(hook, examples)
+        weights = [1.0] * len(examples)
+        # The module's weight of the statement's own surprising tokens (fact-gate modules' option).
+        own_weight = float(getattr(module.config, "fact_statement_weight", 0.0))
+        own = self.statement_example(statement) if own_weight > 0 and statement else None
+        if own is not None:  # after the questions: a routed module's slots are the answers'
+            examples, hiddens = [*examples, own], [*hiddens, *self._scored(hook, [own])[1]]
+            weights.append(own_weight)
         with module.schedule(cfg.lr or None, cfg.steps or None):
             for _ in range(cfg.epochs):
-                for ex, hidden in zip(examples, hiddens, strict=True):
+                for ex, hidden, weight in zip(examples, hiddens, weights, strict=True):
                     chosen = [guards[(self._turn + j) % len(guards)] for j in range(cfg.guards_per_step)]
                     chosen = [g for g in chosen if module.affects(g.prompt)]  # the rest stay as they are
                     self._turn += cfg.guards_per_step
 
                     def loss(params: Params, ex: Example = ex, chosen: list[Guard] = chosen,
-                             hidden: Array | None = hidden) -> Array:
+                             hidden: Array | None = hidden, weight: float = weight) -> Array:
                         with module.bound(params):
-                            total = self._answer_loss(ex, hidden=hidden)
+                            total = weight * self._answer_loss(ex, hidden=hidden)
                             for g in chosen:
                                 total = total + cfg.guard_weight / len(chosen) * self._guard_loss(g)
                         return total
@@ -311,7 +338,8 @@ class Consolidator:
                     module.learn(LearnBatch(input_ids=ex.ids, positions=ex.positions, target_ids=ex.targets,
                                             hidden=hidden, loss=loss))
                     summary.updates += 1
-        summary.loss_after, _ = self._scored(hook, examples, hiddens)
+        n = len(summary.examples)
+        summary.loss_after, _ = self._scored(hook, examples[:n], hiddens[:n])
         summary.drift = self.drift(module)
         if summary.drift > cfg.max_drift and restore is not None:
             restore()

@@ -42,7 +42,8 @@ def test_gradient_modules_are_the_four_seeds() -> None:
 @pytest.mark.parametrize("memory", GRADIENT)
 def test_every_gradient_module_learns_the_answers(memory: str, backend_name: str, tiny_backend,
                                                   tmp_path: Path) -> None:
-    engine = engine_for(tiny_backend(backend_name), memory, tmp_path)
+    # The answers alone (hash_gradient also trains the statement's own tokens by default: tested below).
+    engine = engine_for(tiny_backend(backend_name), memory, tmp_path, memory_options={"fact_statement_weight": "0"})
     teacher = Consolidator(engine.backend, ConsolidationConfig(**FAST))
     examples = [teacher.example("Where is the red kite?", "The red kite is in the shed."),
                 teacher.example("What is in the shed?", "The red kite is in the shed.")]
@@ -53,6 +54,42 @@ def test_every_gradient_module_learns_the_answers(memory: str, backend_name: str
     assert summary.loss_after < summary.loss
     assert 0.0 <= summary.drift <= 1.0
     assert any(not np.array_equal(before[k], v) for k, v in state(engine).items() if k in before)
+
+
+def test_statement_example_targets_its_surprising_tokens(backend_name: str, tiny_backend, tmp_path: Path) -> None:
+    engine = engine_for(tiny_backend(backend_name), "hash_gradient", tmp_path)
+    teacher = Consolidator(engine.backend, ConsolidationConfig(**FAST))
+    statement = "My locker code is 4417 and my locker is blue."
+    ex = teacher.statement_example(statement)
+    turn = engine.backend.formatter.standalone_turn(statement)
+    assert ex is not None and ex.targets and set(ex.positions) < {i - 1 for i in turn.content}
+    assert all(ex.ids[p + 1] == t for p, t in zip(ex.positions, ex.targets, strict=True))
+    with engine.backend.frozen():  # the seeds' selection: the content tokens above the statement's mean CE
+        logits = engine.backend.forward(ex.ids, engine.backend.new_cache(), "score", keep=[i - 1 for i in turn.content])
+    ops = engine.backend.ops
+    ce = ops.to_numpy(ops.cross_entropy(logits, ops.asarray([ex.ids[i] for i in turn.content], dtype="int32")))
+    assert ex.positions == [turn.content[k] - 1 for k in np.flatnonzero(ce > ce.mean())]
+    engine.close()
+
+
+@pytest.mark.parametrize("weight", ["0", "1"])
+def test_statement_weight_adds_an_update_on_the_statement(weight: str, tiny_backend, tmp_path: Path) -> None:
+    engine = engine_for(tiny_backend("torch"), "hash_gradient", tmp_path,
+                        memory_options={"fact_statement_weight": weight})
+    teacher = Consolidator(engine.backend, ConsolidationConfig(**FAST))
+    statement = "The red kite is in the shed."
+    examples = [teacher.example("Where is the red kite?", "The red kite is in the shed.")]
+    with engine.module.consolidating([e.question for e in examples], (), statement=statement):
+        own = teacher.statement_example(statement)
+        before = teacher._scored(engine.hook, [own])[0]
+        summary = teacher.learn(engine.module, engine.hook, examples, statement=statement)
+        after = teacher._scored(engine.hook, [own])[0]
+    engine.close()
+    # Weight 0 is the control: the answers alone leave the statement's loss as a side effect only.
+    assert summary.updates == FAST["epochs"] * (1 + (weight == "1"))
+    assert len(summary.examples) == 1  # the statement is not reported as a question learned
+    if weight == "1":
+        assert after < before
 
 
 def test_drift_check_undoes_a_consolidation(tiny_backend, tmp_path: Path) -> None:

@@ -66,6 +66,9 @@ class FactGateConfig(GradientConfig):
     fact_question_margin: float = 0.10  # ... and past the best general-knowledge question's by this much
     fact_top_k: int = 1  # facts one reply reads at most (in a crowded memory a second was most often wrong)
     fact_map: bool = True  # the route also holds the question `question_map` predicts from the statement
+    # > 0: consolidation also trains the statement's own surprising tokens (the seeds' selection: frozen CE
+    # above the statement's mean), said as the user's turn, with this weight; one more update per epoch.
+    fact_statement_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +76,8 @@ class FactGateConfig(GradientConfig):
             raise ValueError(f"fact_margin must be in [-1, 2], got {self.fact_margin}")
         if not -1.0 <= self.fact_question_margin <= 2.0:
             raise ValueError(f"fact_question_margin must be in [-1, 2], got {self.fact_question_margin}")
+        if self.fact_statement_weight < 0:
+            raise ValueError(f"fact_statement_weight must be >= 0, got {self.fact_statement_weight}")
         if self.fact_top_k < 1:
             raise ValueError(f"fact_top_k must be >= 1, got {self.fact_top_k}")
 
