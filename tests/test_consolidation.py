@@ -85,7 +85,7 @@ def test_statement_weight_adds_an_update_on_the_statement(weight: str, tiny_back
         summary = teacher.learn(engine.module, engine.hook, examples, statement=statement)
         after = teacher._scored(engine.hook, [own])[0]
     engine.close()
-    # Weight 0 is the control: the answers alone leave the statement's loss as a side effect only.
+    # Weight 0, the control: no update on the statement, so the count tells the two apart.
     assert summary.updates == FAST["epochs"] * (1 + (weight == "1"))
     assert len(summary.examples) == 1  # the statement is not reported as a question learned
     if weight == "1":
