@@ -82,7 +82,7 @@ class HashGradientConfig(FactGateConfig):
     fact_radius: int = 16
     fact_scale: float = 4.0
     # The statement's own surprising tokens, beside the teacher's answers (32 dev facts: 23 recalled at 1
-    # and 0.5, 21 at 0; all 32 in one memory 18 at 1, 15 at 0). lora_on_user lost 2 with it (20 -> 18).
+    # and 0.5, 21 at 0; all 32 in one memory 18 at 1, 15 at 0). The other modules lost 1-2 with it.
     fact_statement_weight: float = 1.0
 
     def __post_init__(self) -> None:
