@@ -241,9 +241,11 @@ class Consolidator:
         return changed / max(len(held_out), 1)
 
     # --- the student -----------------------------------------------------------------------------
-    def statement_example(self, statement: str) -> Example | None:
-        """`statement` as the user's turn, with its surprising tokens as targets: those the frozen model
-        finds less likely than the statement's mean (the seeds' selection); None when there are none."""
+    def statement_example(self, statement: str, hook: MemoryHook) -> tuple[Example, Array | None] | None:
+        """`statement` as the user's turn, with its surprising tokens as targets (the seeds' selection: CE
+        above the statement's mean), and the states entering the module that the same scoring pass
+        captured; None when no token is selected. Taken before the statement's fact is trained, so the
+        CE is the model's as it was."""
         fmt, be, ops = self.backend.formatter, self.backend, self.backend.ops
         messages = [*self.system, {"role": "user", "content": statement}]
         turn = fmt.user_turn(messages, len(messages) - 1)
@@ -251,13 +253,14 @@ class Consolidator:
         content = [n + j for j, inside in enumerate(turn.content_mask) if inside and n + j > 0]
         if not content:
             return None
-        with be.frozen():
-            logits = be.forward(ids, be.new_cache(), "score", keep=[i - 1 for i in content])
+        hook.captured = None
+        logits = be.forward(ids, be.new_cache(), "score", keep=[i - 1 for i in content])
         losses = ops.to_numpy(ops.cross_entropy(logits, ops.asarray([ids[i] for i in content], dtype="int32")))
         chosen = [content[k] for k in select_surprising(losses)]
         if not chosen:
             return None
-        return Example(statement, "", ids, [i - 1 for i in chosen], [ids[i] for i in chosen])
+        hidden = None if hook.captured is None else hook.captured[0]
+        return Example(statement, "", ids, [i - 1 for i in chosen], [ids[i] for i in chosen]), hidden
 
     def _answer_loss(self, ex: Example, phase: Phase = "train", hidden: Array | None = None) -> Array:
         """The answer's cross-entropy; from `hidden`, the states leaving the module's layer that a scoring
@@ -313,16 +316,15 @@ class Consolidator:
             return summary
         guards = self.guards()[:GUARD_TRAIN]
         summary.loss, hiddens = self._scored(hook, examples)
-        weights = [1.0] * len(examples)
+        batches = [(ex, hidden, 1.0) for ex, hidden in zip(examples, hiddens, strict=True)]
         # The module's weight of the statement's own surprising tokens (fact-gate modules' option).
         own_weight = float(getattr(module.config, "fact_statement_weight", 0.0))
-        own = self.statement_example(statement) if own_weight > 0 and statement else None
+        own = self.statement_example(statement, hook) if own_weight > 0 and statement else None
         if own is not None:  # after the questions: a routed module's slots are the answers'
-            examples, hiddens = [*examples, own], [*hiddens, *self._scored(hook, [own])[1]]
-            weights.append(own_weight)
+            batches.append((*own, own_weight))
         with module.schedule(cfg.lr or None, cfg.steps or None):
             for _ in range(cfg.epochs):
-                for ex, hidden, weight in zip(examples, hiddens, weights, strict=True):
+                for ex, hidden, weight in batches:
                     chosen = [guards[(self._turn + j) % len(guards)] for j in range(cfg.guards_per_step)]
                     chosen = [g for g in chosen if module.affects(g.prompt)]  # the rest stay as they are
                     self._turn += cfg.guards_per_step
@@ -338,8 +340,7 @@ class Consolidator:
                     module.learn(LearnBatch(input_ids=ex.ids, positions=ex.positions, target_ids=ex.targets,
                                             hidden=hidden, loss=loss))
                     summary.updates += 1
-        n = len(summary.examples)
-        summary.loss_after, _ = self._scored(hook, examples[:n], hiddens[:n])
+        summary.loss_after, _ = self._scored(hook, examples, hiddens)
         summary.drift = self.drift(module)
         if summary.drift > cfg.max_drift and restore is not None:
             restore()

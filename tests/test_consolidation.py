@@ -60,9 +60,11 @@ def test_statement_example_targets_its_surprising_tokens(backend_name: str, tiny
     engine = engine_for(tiny_backend(backend_name), "hash_gradient", tmp_path)
     teacher = Consolidator(engine.backend, ConsolidationConfig(**FAST))
     statement = "My locker code is 4417 and my locker is blue."
-    ex = teacher.statement_example(statement)
+    own = teacher.statement_example(statement, engine.hook)
+    assert own is not None
+    ex = own[0]
     turn = engine.backend.formatter.standalone_turn(statement)
-    assert ex is not None and ex.targets and set(ex.positions) < {i - 1 for i in turn.content}
+    assert ex.targets and set(ex.positions) < {i - 1 for i in turn.content}
     assert all(ex.ids[p + 1] == t for p, t in zip(ex.positions, ex.targets, strict=True))
     with engine.backend.frozen():  # the seeds' selection: the content tokens above the statement's mean CE
         logits = engine.backend.forward(ex.ids, engine.backend.new_cache(), "score", keep=[i - 1 for i in turn.content])
@@ -80,10 +82,11 @@ def test_statement_weight_adds_an_update_on_the_statement(weight: str, tiny_back
     statement = "The red kite is in the shed."
     examples = [teacher.example("Where is the red kite?", "The red kite is in the shed.")]
     with engine.module.consolidating([e.question for e in examples], (), statement=statement):
-        own = teacher.statement_example(statement)
-        before = teacher._scored(engine.hook, [own])[0]
+        own = teacher.statement_example(statement, engine.hook)
+        assert own is not None
+        before = teacher._scored(engine.hook, [own[0]])[0]
         summary = teacher.learn(engine.module, engine.hook, examples, statement=statement)
-        after = teacher._scored(engine.hook, [own])[0]
+        after = teacher._scored(engine.hook, [own[0]])[0]
     engine.close()
     # Weight 0, the control: no update on the statement, so the count tells the two apart.
     assert summary.updates == FAST["epochs"] * (1 + (weight == "1"))

@@ -66,8 +66,8 @@ class FactGateConfig(GradientConfig):
     fact_question_margin: float = 0.10  # ... and past the best general-knowledge question's by this much
     fact_top_k: int = 1  # facts one reply reads at most (in a crowded memory a second was most often wrong)
     fact_map: bool = True  # the route also holds the question `question_map` predicts from the statement
-    # > 0: consolidation also trains the statement's own surprising tokens (the seeds' selection: frozen CE
-    # above the statement's mean), said as the user's turn, with this weight; one more update per epoch.
+    # > 0: consolidation also trains the statement's own surprising tokens (the seeds' selection: CE above
+    # the statement's mean, before its fact is trained), said as the user's turn, with this weight.
     fact_statement_weight: float = 0.0
 
     def __post_init__(self) -> None:
