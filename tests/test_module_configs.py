@@ -21,7 +21,7 @@ KNOWN_BAD: dict[str, tuple[object, ...]] = {
     "init_std": (0.0,), "bits": (7, 25, 6), "radius": (-1,), "max_rows": (-1,),
     "fact_margin": (3.0,), "fact_question_margin": (-2.0,), "fact_top_k": (0,), "fact_rank": (0,),
     "fact_scale": (0.0,), "fact_slots": (0,), "fact_bits": (3,), "fact_radius": (-1,),
-    "fact_statement_weight": (-0.5,),
+    "fact_statement_weight": (-0.5,), "fact_tables": (0, 9),
 }
 
 

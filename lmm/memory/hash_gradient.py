@@ -30,18 +30,21 @@ chat: on SmolLM2 it is what changes unrelated replies (2 of 10 probes after one 
 message; 0 of 10 when such positions are not written). `LearnBatch` does not say which
 positions are the user's own text, so the module cannot skip them yet.
 
-With `--consolidate`, each statement gets a table of its own instead, opened by its fact gate
-(`lmm.memory.fact_gate`): rows keyed by the first `fact_bits` bits of the same codes, each position
-reading the nearest row within Hamming radius `fact_radius`, scaled by `fact_scale`. An update trains
-the rows nearest the codes that predict the teacher's answer, and adds a zero row for a code with none
-within the radius; at the default radius (the full 16 bits) only the first update adds rows, one per
-position of the first answer, and every position of a reply the gate opens reads the most similar of
-them. The gate, not the code, keeps other replies alone. Beside the teacher's answers, the rows also
-learn the statement's own surprising tokens said as the user's turn (`fact_statement_weight`): a reply
-often restates the user's words ("My dog is ..."), and those rows then carry the value. The shared
-table's exact rows rarely fired on a question in other words, coarser shared codes reached unrelated
-replies, and coarse 8-bit fact rows within radius 2 carried the subject but often not the value
-(docs/consolidation.md).
+With `--consolidate`, each statement gets tables of its own instead, opened by its fact gate
+(`lmm.memory.fact_gate`): `fact_tables` tables, the first keyed by the first `fact_bits` bits of the
+same codes, the others by the same calibrated hash through projections of their own (seeded by the
+saved `fact_seed`); each position reads, in every table, the nearest row within Hamming radius
+`fact_radius`, and adds their mean scaled by `fact_scale`. An update trains the rows nearest the codes
+that predict the teacher's answer, and adds a zero row for a code with none within the radius; at the
+default radius (the full 16 bits) only the first update adds rows, one per position of the first
+answer, and every position of a reply the gate opens reads the most similar of them. With one table,
+which row a reply's position happened to hash to decided whether the value came out whole; several
+tables average that luck out. The gate, not the code, keeps other replies alone. Beside the teacher's
+answers, the rows also learn the statement's own surprising tokens said as the user's turn
+(`fact_statement_weight`): a reply often restates the user's words ("My dog is ..."), and those rows then
+carry the value. The shared table's exact rows rarely fired on a question in other words, coarser
+shared codes reached unrelated replies, and coarse 8-bit fact rows within radius 2 carried the subject
+but often not the value (docs/consolidation.md).
 
 It owns no token selection (shared, `lmm.memory.base`) and no model code. The optimizer
 moments are reset at every update: the rows trained change from one message to the next.
@@ -61,6 +64,7 @@ from lmm.memory.registry import register
 from lmm.ops import Array, Ops, Params
 
 MAX_RADIUS = 3  # codes within radius r: sum of C(bits, i), i <= r; 2325 lookups per position at bits=24
+MAX_FACT_TABLES = 8
 CALIBRATION_TOKENS = 4096  # the running mean is ample by then; stop paying the host copy
 
 
@@ -81,6 +85,10 @@ class HashGradientConfig(FactGateConfig):
     fact_bits: int = 16
     fact_radius: int = 16
     fact_scale: float = 4.0
+    # Tables per consolidated statement, each hashing with its own projection; a position reads the mean of
+    # its nearest row in each. One table's answer hung on which row each position happened to hash to
+    # (32 dev facts: 1 table 21 recalled, all in one memory 19; 4 tables 23 and 22; docs/consolidation.md).
+    fact_tables: int = 4
     # The statement's own surprising tokens, beside the teacher's answers (32 dev facts: 23 recalled at 1
     # and 0.5, 21 at 0; all 32 in one memory 18 at 1, 15 at 0). The other modules lost 1-2 with it.
     fact_statement_weight: float = 1.0
@@ -99,6 +107,8 @@ class HashGradientConfig(FactGateConfig):
             raise ValueError(f"fact_radius must be in 0..fact_bits={self.fact_bits}, got {self.fact_radius}")
         if not self.fact_scale > 0:
             raise ValueError(f"fact_scale must be > 0, got {self.fact_scale}")
+        if not 1 <= self.fact_tables <= MAX_FACT_TABLES:
+            raise ValueError(f"fact_tables must be in 1..{MAX_FACT_TABLES}, got {self.fact_tables}")
 
 
 @dataclass
@@ -130,11 +140,13 @@ class HashGradientMemory(FactGate, GradientMemory):
             "center": ops.zeros((d,)),
             "log_norm": ops.zeros((1,)),
             "calib_count": ops.asarray(np.zeros(1, np.int64), dtype="int64"),
+            "fact_seed": ops.asarray(np.array([seed], np.int64), dtype="int64"),  # the facts' extra projections
         }
         self._masks = flip_masks(bits, config.radius)
         self._fact_bits = np.int64((1 << config.fact_bits) - 1)
         self._shifts = np.left_shift(np.int64(1), np.arange(bits, dtype=np.int64))
         self._train: _TrainView | None = None
+        self._table_proj: dict[int, np.ndarray] = {}
         self.evicted = 0  # rows dropped by max_rows since this module was created or loaded
         self.init_facts()
         self.reset_session()
@@ -157,10 +169,13 @@ class HashGradientMemory(FactGate, GradientMemory):
             problems.append(f"keys are not sorted distinct {cfg.bits}-bit codes")
         if b["center"].shape != (d,) or b["log_norm"].shape != (1,) or b["calib_count"].shape != (1,):
             problems.append("calibration tensors have wrong shapes")
+        if b["fact_seed"].shape != (1,):
+            problems.append("fact_seed has a wrong shape")
         for i in range(self.fact_count):
-            rows, fkeys = self.params.get(f"fact{i}.rows"), self.buffers.get(f"fact{i}.keys")
-            if rows is not None and (fkeys is None or tuple(rows.shape) != (fkeys.shape[0], d)):
-                problems.append(f"fact{i}.rows and fact{i}.keys do not match")
+            for rows_name, keys_name in self._tables(i):
+                rows, fkeys = self.params.get(rows_name), self.buffers.get(keys_name)
+                if fkeys is None or rows is None or tuple(rows.shape) != (fkeys.shape[0], d):
+                    problems.append(f"{rows_name} and {keys_name} do not match")
         if problems:
             raise StateError(f"inconsistent {self.name} state: {'; '.join(problems)}")
         if self.ops.dtype_name(self.params["rows"]) != "float32":
@@ -170,6 +185,7 @@ class HashGradientMemory(FactGate, GradientMemory):
         self._center = b["center"].astype(np.float64)
         self._log_norm = float(b["log_norm"][0])
         self._count = int(b["calib_count"][0])
+        self._table_proj = {}
         self._refresh_calibration()
 
     def _refresh_calibration(self) -> None:
@@ -329,38 +345,76 @@ class HashGradientMemory(FactGate, GradientMemory):
         return self._keys.shape[0] > 0
 
     def new_fact(self, i: int, rng: np.random.Generator) -> Params:
-        self.buffers[f"fact{i}.keys"] = self.ops.asarray(np.zeros(0, np.int64), dtype="int64")
-        return {f"fact{i}.rows": self.ops.zeros((0, self.hidden_size))}
+        tables = [table_names(i, k) for k in range(self.config.fact_tables)]
+        for _, keys_name in tables:
+            self.buffers[keys_name] = self.ops.asarray(np.zeros(0, np.int64), dtype="int64")
+        return {rows_name: self.ops.zeros((0, self.hidden_size)) for rows_name, _ in tables}
+
+    def _tables(self, i: int) -> list[tuple[str, str]]:
+        """(rows, keys) names of fact `i`'s tables: as many as it was created with (states written before
+        tables existed hold one)."""
+        out = [table_names(i, 0)]
+        while table_names(i, len(out))[0] in self.params:
+            out.append(table_names(i, len(out)))
+        return out
+
+    def _fact_codes(self, hidden: Array, k: int) -> np.ndarray:
+        """Codes of table `k`: the seed table's hash (its first `fact_bits` bits) for table 0, else the
+        same calibrated hash through the table's own seeded projection."""
+        if k == 0:
+            return self._hash(hidden) & self._fact_bits
+        proj = self._table_proj.get(k)
+        if proj is None:
+            seed = int(self.ops.to_numpy(self.buffers["fact_seed"])[0])
+            shape = (self.hidden_size, self.config.fact_bits)
+            proj = self._table_proj[k] = np.random.default_rng([seed, k]).standard_normal(shape).astype(np.float32)
+        ops = self.ops
+        h = ops.astype(hidden, "float32")
+        h = ops.to_numpy(h / ops.maximum(ops.norm(h, axis=-1, keepdims=True), 1e-12))
+        z = h @ proj - self._center.astype(np.float32) @ proj
+        return ((z > 0).astype(np.int64) * self._shifts[: proj.shape[1]]).sum(-1)
 
     def _fact_rewrite(self, hidden: Array, facts: list[int]) -> Array:
-        """`hidden` plus the rows of the open facts' tables at each position's coarse code."""
+        """`hidden` plus, for each open fact, the mean over its tables of the row at each position's code."""
         ops, p = self.ops, self.p
-        codes = (self._hash(hidden) & self._fact_bits).reshape(-1)
         out = ops.astype(hidden, "float32")
         for i in facts:
-            slot = nearest(codes, ops.to_numpy(self.buffers[f"fact{i}.keys"]), self.config.fact_radius)
-            if not np.any(slot >= 0):
-                continue
-            table = ops.concat([ops.zeros((1, self.hidden_size)), p[f"fact{i}.rows"]], axis=0)
-            idx = ops.asarray((slot + 1).reshape(hidden.shape[:-1]), dtype="int32")
-            out = out + ops.take(table, idx, axis=0) * (self.scale * self.config.fact_scale)
+            tables = self._tables(i)
+            for k, (rows_name, keys_name) in enumerate(tables):
+                codes = self._fact_codes(hidden, k).reshape(-1)
+                slot = nearest(codes, ops.to_numpy(self.buffers[keys_name]), self.config.fact_radius)
+                if not np.any(slot >= 0):
+                    continue
+                table = ops.concat([ops.zeros((1, self.hidden_size)), p[rows_name]], axis=0)
+                idx = ops.asarray((slot + 1).reshape(hidden.shape[:-1]), dtype="int32")
+                out = out + ops.take(table, idx, axis=0) * (self.scale * self.config.fact_scale / len(tables))
         return ops.astype(out, hidden)
 
     def _fact_trainable(self, batch: LearnBatch) -> Params:
-        """The consolidated fact's rows, with a zero row added for each code that predicts the answer and
-        has no row within the radius yet."""
+        """The consolidated fact's tables, each with a zero row added for each code that predicts the
+        answer and has no row within the radius yet."""
         ops, i = self.ops, self._fact
-        codes = self._hash(batch.hidden) & self._fact_bits
-        keys = ops.to_numpy(self.buffers[f"fact{i}.keys"]).astype(np.int64)
-        want = codes[np.asarray(batch.positions, dtype=np.int64)]
-        new = np.unique(want[nearest(want, keys, self.config.fact_radius) < 0])
-        rows = self.params[f"fact{i}.rows"]
-        if new.size:
-            order = np.argsort(np.concatenate([keys, new]), kind="stable")
-            table = ops.concat([rows, ops.zeros((new.size, self.hidden_size))], axis=0)
-            rows = ops.take(table, ops.asarray(order, dtype="int32"), axis=0)
-            self.buffers[f"fact{i}.keys"] = ops.asarray(np.concatenate([keys, new])[order], dtype="int64")
-        return {f"fact{i}.rows": rows}
+        assert i is not None
+        out: Params = {}
+        for k, (rows_name, keys_name) in enumerate(self._tables(i)):
+            codes = self._fact_codes(batch.hidden, k)
+            keys = ops.to_numpy(self.buffers[keys_name]).astype(np.int64)
+            want = codes[np.asarray(batch.positions, dtype=np.int64)]
+            new = np.unique(want[nearest(want, keys, self.config.fact_radius) < 0])
+            rows = self.params[rows_name]
+            if new.size:
+                order = np.argsort(np.concatenate([keys, new]), kind="stable")
+                table = ops.concat([rows, ops.zeros((new.size, self.hidden_size))], axis=0)
+                rows = ops.take(table, ops.asarray(order, dtype="int32"), axis=0)
+                self.buffers[keys_name] = ops.asarray(np.concatenate([keys, new])[order], dtype="int64")
+            out[rows_name] = rows
+        return out
+
+    def load_module_state(self, tensors: dict[str, np.ndarray]) -> None:
+        # A state written before facts had several tables has no fact_seed; its facts hold one table.
+        if "buffer.fact_seed" not in tensors:
+            tensors = {**tensors, "buffer.fact_seed": np.array([self.seed], np.int64)}
+        super().load_module_state(tensors)
 
     # --- reporting --------------------------------------------------------------------------
     def reset_session(self) -> None:
@@ -375,8 +429,13 @@ class HashGradientMemory(FactGate, GradientMemory):
             "rows": n, "bytes": nbytes, "bits": cfg.bits, "max_rows": cfg.max_rows,
             "evicted": self.evicted, "calibration_tokens": self._count, "scale": round(self.scale, 3),
             "generate_hit_fraction": round(self.generate_hits / self.generate_positions, 4)
-            if self.generate_positions else 0.0, **self.fact_summary(),
+            if self.generate_positions else 0.0, "fact_tables": cfg.fact_tables, **self.fact_summary(),
         }
+
+
+def table_names(i: int, k: int) -> tuple[str, str]:
+    """Names of table `k` of fact `i`: its rows (a parameter) and its sorted keys (a buffer)."""
+    return (f"fact{i}.rows", f"fact{i}.keys") if k == 0 else (f"fact{i}.rows{k}", f"fact{i}.keys{k}")
 
 
 def flip_masks(bits: int, radius: int) -> list[np.ndarray]:
