@@ -35,7 +35,7 @@ def test_a_fact_reads_the_mean_of_its_tables(name: str, tiny_backend, tmp_path: 
     assert isinstance(module, HashGradientMemory)
     assert module._tables(0) == [table_names(0, k) for k in range(3)]
     x = hidden_states(be)
-    codes = [module._fact_codes(x, k).reshape(-1) for k in range(3)]
+    codes = [c.reshape(-1) for c in module._fact_codes(x, 3)]
     assert not (np.array_equal(codes[0], codes[1]) and np.array_equal(codes[1], codes[2]))  # own projections
     ops, plain = module.ops, module.ops.to_numpy(x)
     parts = []

@@ -358,21 +358,24 @@ class HashGradientMemory(FactGate, GradientMemory):
             out.append(table_names(i, len(out)))
         return out
 
-    def _fact_codes(self, hidden: Array, k: int) -> np.ndarray:
-        """Codes of table `k`: the seed table's hash (its first `fact_bits` bits) for table 0, else the
-        same calibrated hash through the table's own seeded projection."""
-        if k == 0:
-            return self._hash(hidden) & self._fact_bits
-        proj = self._table_proj.get(k)
-        if proj is None:
-            seed = int(self.ops.to_numpy(self.buffers["fact_seed"])[0])
-            shape = (self.hidden_size, self.config.fact_bits)
-            proj = self._table_proj[k] = np.random.default_rng([seed, k]).standard_normal(shape).astype(np.float32)
+    def _fact_codes(self, hidden: Array, tables: int) -> list[np.ndarray]:
+        """Codes of each of a fact's first `tables` tables: the seed table's hash (its first `fact_bits`
+        bits) for table 0, the same calibrated hash through each other table's own seeded projection."""
+        codes = [self._hash(hidden) & self._fact_bits]
+        if tables == 1:
+            return codes
         ops = self.ops
         h = ops.astype(hidden, "float32")
         h = ops.to_numpy(h / ops.maximum(ops.norm(h, axis=-1, keepdims=True), 1e-12))
-        z = h @ proj - self._center.astype(np.float32) @ proj
-        return ((z > 0).astype(np.int64) * self._shifts[: proj.shape[1]]).sum(-1)
+        for k in range(1, tables):
+            proj = self._table_proj.get(k)
+            if proj is None:
+                seed = int(ops.to_numpy(self.buffers["fact_seed"])[0])
+                shape = (self.hidden_size, self.config.fact_bits)
+                proj = self._table_proj[k] = np.random.default_rng([seed, k]).standard_normal(shape).astype(np.float32)
+            z = h @ proj - self._center.astype(np.float32) @ proj
+            codes.append(((z > 0).astype(np.int64) * self._shifts[: proj.shape[1]]).sum(-1))
+        return codes
 
     def _fact_rewrite(self, hidden: Array, facts: list[int]) -> Array:
         """`hidden` plus, for each open fact, the mean over its tables of the row at each position's code."""
@@ -380,9 +383,8 @@ class HashGradientMemory(FactGate, GradientMemory):
         out = ops.astype(hidden, "float32")
         for i in facts:
             tables = self._tables(i)
-            for k, (rows_name, keys_name) in enumerate(tables):
-                codes = self._fact_codes(hidden, k).reshape(-1)
-                slot = nearest(codes, ops.to_numpy(self.buffers[keys_name]), self.config.fact_radius)
+            for (rows_name, keys_name), codes in zip(tables, self._fact_codes(hidden, len(tables)), strict=True):
+                slot = nearest(codes.reshape(-1), ops.to_numpy(self.buffers[keys_name]), self.config.fact_radius)
                 if not np.any(slot >= 0):
                     continue
                 table = ops.concat([ops.zeros((1, self.hidden_size)), p[rows_name]], axis=0)
@@ -394,10 +396,11 @@ class HashGradientMemory(FactGate, GradientMemory):
         """The consolidated fact's tables, each with a zero row added for each code that predicts the
         answer and has no row within the radius yet."""
         ops, i = self.ops, self._fact
-        assert i is not None
+        if i is None:
+            raise RuntimeError("no fact is being consolidated")
         out: Params = {}
-        for k, (rows_name, keys_name) in enumerate(self._tables(i)):
-            codes = self._fact_codes(batch.hidden, k)
+        tables = self._tables(i)
+        for (rows_name, keys_name), codes in zip(tables, self._fact_codes(batch.hidden, len(tables)), strict=True):
             keys = ops.to_numpy(self.buffers[keys_name]).astype(np.int64)
             want = codes[np.asarray(batch.positions, dtype=np.int64)]
             new = np.unique(want[nearest(want, keys, self.config.fact_radius) < 0])
