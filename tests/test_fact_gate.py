@@ -12,35 +12,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fact_gate_helpers import ANSWER, FAST, QUESTIONS, consolidated, engine_for
 
-from lmm.backends import DecodingConfig
 from lmm.consolidation import GUARD_PROMPTS, GUARD_TRAIN, ConsolidationConfig, Consolidator
-from lmm.engine import ChatEngine, EngineConfig
+from lmm.engine import ChatEngine
 from lmm.memory.base import RewriteContext, StateError
 from lmm.memory.chaptered_bank import ChapteredBank
-from lmm.memory.fact_gate import GENERAL_QUESTIONS, FactGate
+from lmm.memory.fact_gate import GENERAL_QUESTIONS
 from lmm.memory.question_map import question_map
 
-QUESTIONS = ["Where is the red kite kept?", "What is kept in the garden shed?"]
-ANSWER = "The red kite is in the shed."
 # each gated module, and a parameter of the seed's own (not of a fact)
 GATED = {"chaptered_bank": "w_out", "lora_on_user": "B", "hash_gradient": "rows", "recurrent_state": "w_o"}
-FAST = dict(lr=0.05, steps=3, epochs=2, guards_per_step=1, guard_tokens=4, drift_tokens=4, max_drift=1.0)
-
-
-def engine_for(be: Any, tmp_path: Path, memory: str = "chaptered_bank", **options: str) -> ChatEngine:
-    return ChatEngine(EngineConfig(memory=memory, memory_options=options, activation_log_path=tmp_path / "log.jsonl",
-                                   background_updates=False, decoding=DecodingConfig(max_tokens=6)), backend=be)
-
-
-def consolidated(engine: ChatEngine) -> Any:
-    module = engine.module
-    assert isinstance(module, FactGate)
-    teacher = Consolidator(engine.backend, ConsolidationConfig(**FAST))
-    with module.consolidating(QUESTIONS, GUARD_PROMPTS[:GUARD_TRAIN]):
-        summary = teacher.learn(module, engine.hook, [teacher.example(q, ANSWER) for q in QUESTIONS])
-    assert summary.loss_after < summary.loss and not summary.rolled_back
-    return module
 
 
 def reply(engine: ChatEngine, text: str) -> str:

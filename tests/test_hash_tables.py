@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_fact_gate import QUESTIONS, consolidated, engine_for
+from fact_gate_helpers import QUESTIONS, consolidated, engine_for
 
 from lmm.memory.base import RewriteContext, StateError
 from lmm.memory.hash_gradient import HashGradientMemory, nearest, table_names

@@ -146,7 +146,7 @@ class HashGradientMemory(FactGate, GradientMemory):
         self._fact_bits = np.int64((1 << config.fact_bits) - 1)
         self._shifts = np.left_shift(np.int64(1), np.arange(bits, dtype=np.int64))
         self._train: _TrainView | None = None
-        self._table_proj: dict[int, np.ndarray] = {}
+        self._table_proj: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.evicted = 0  # rows dropped by max_rows since this module was created or loaded
         self.init_facts()
         self.reset_session()
@@ -185,13 +185,13 @@ class HashGradientMemory(FactGate, GradientMemory):
         self._center = b["center"].astype(np.float64)
         self._log_norm = float(b["log_norm"][0])
         self._count = int(b["calib_count"][0])
-        self._table_proj = {}
         self._refresh_calibration()
 
     def _refresh_calibration(self) -> None:
         cfg: HashGradientConfig = self.config  # type: ignore[assignment]
         center = self._center if cfg.center else np.zeros_like(self._center)
         self._center_proj = (center.astype(np.float32) @ self._proj).astype(np.float32)
+        self._table_proj = {}  # the fact tables' projections with their centre's, rebuilt on use
         # Per-coordinate RMS of a typical hidden state: a row coordinate of 1 is a typical coordinate,
         # so Adam's ~lr per coordinate and step moves the correction by ~lr of the hidden norm per step
         # whatever the width (without sqrt(d), lr would act sqrt(d) times more on wide models).
@@ -221,13 +221,20 @@ class HashGradientMemory(FactGate, GradientMemory):
         self._log_norm = float(np.float32(self._log_norm))
         self._refresh_calibration()
 
-    def _hash(self, hidden: Array) -> np.ndarray:
-        """int64 codes of hidden states [..., d] -> [...]: sign bits of (h/|h| - center) @ proj."""
+    def _unit(self, hidden: Array) -> Array:
         ops = self.ops
         h = ops.astype(hidden, "float32")
-        h = h / ops.maximum(ops.norm(h, axis=-1, keepdims=True), 1e-12)
-        z = ops.to_numpy(h @ self.buffers["proj"]) - self._center_proj
-        return ((z > 0).astype(np.int64) * self._shifts).sum(-1)
+        return h / ops.maximum(ops.norm(h, axis=-1, keepdims=True), 1e-12)
+
+    def _sign_codes(self, z: np.ndarray) -> np.ndarray:
+        """int64 codes from projections [..., bits]: bit b set where z[..., b] > 0."""
+        return ((z > 0).astype(np.int64) * self._shifts[: z.shape[-1]]).sum(-1)
+
+    def _hash(self, hidden: Array, unit: Array | None = None) -> np.ndarray:
+        """int64 codes of hidden states [..., d] -> [...]: sign bits of (h/|h| - center) @ proj (`unit`:
+        h/|h| when the caller has it)."""
+        unit = self._unit(hidden) if unit is None else unit
+        return self._sign_codes(self.ops.to_numpy(unit @ self.buffers["proj"]) - self._center_proj)
 
     # --- rewrite ----------------------------------------------------------------------------
     def rewrite(self, hidden: Array, ctx: RewriteContext) -> Array:
@@ -361,21 +368,24 @@ class HashGradientMemory(FactGate, GradientMemory):
     def _fact_codes(self, hidden: Array, tables: int) -> list[np.ndarray]:
         """Codes of each of a fact's first `tables` tables: the seed table's hash (its first `fact_bits`
         bits) for table 0, the same calibrated hash through each other table's own seeded projection."""
-        codes = [self._hash(hidden) & self._fact_bits]
-        if tables == 1:
-            return codes
-        ops = self.ops
-        h = ops.astype(hidden, "float32")
-        h = ops.to_numpy(h / ops.maximum(ops.norm(h, axis=-1, keepdims=True), 1e-12))
-        for k in range(1, tables):
-            proj = self._table_proj.get(k)
-            if proj is None:
-                seed = int(ops.to_numpy(self.buffers["fact_seed"])[0])
-                shape = (self.hidden_size, self.config.fact_bits)
-                proj = self._table_proj[k] = np.random.default_rng([seed, k]).standard_normal(shape).astype(np.float32)
-            z = h @ proj - self._center.astype(np.float32) @ proj
-            codes.append(((z > 0).astype(np.int64) * self._shifts[: proj.shape[1]]).sum(-1))
+        unit = self._unit(hidden)
+        codes = [self._hash(hidden, unit) & self._fact_bits]
+        if tables > 1:
+            h = self.ops.to_numpy(unit)
+            codes += [self._sign_codes(h @ proj - center_proj)
+                      for proj, center_proj in map(self._table_projection, range(1, tables))]
         return codes
+
+    def _table_projection(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Table `k`'s projection [d, fact_bits] (seeded by `fact_seed`) and the calibrated centre's image."""
+        cached = self._table_proj.get(k)
+        if cached is None:
+            seed = int(self.ops.to_numpy(self.buffers["fact_seed"])[0])
+            shape = (self.hidden_size, self.config.fact_bits)
+            proj = np.random.default_rng([seed, k]).standard_normal(shape).astype(np.float32)
+            center = self._center if self.config.center else np.zeros_like(self._center)
+            cached = self._table_proj[k] = (proj, center.astype(np.float32) @ proj)
+        return cached
 
     def _fact_rewrite(self, hidden: Array, facts: list[int]) -> Array:
         """`hidden` plus, for each open fact, the mean over its tables of the row at each position's code."""
