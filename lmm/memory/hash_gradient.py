@@ -391,15 +391,17 @@ class HashGradientMemory(FactGate, GradientMemory):
         """`hidden` plus, for each open fact, the mean over its tables of the row at each position's code."""
         ops, p = self.ops, self.p
         out = ops.astype(hidden, "float32")
+        tables = {i: self._tables(i) for i in facts}
+        # A table's codes depend on its index, not on the fact: hashed once for every open fact.
+        all_codes = self._fact_codes(hidden, max(len(t) for t in tables.values()))
         for i in facts:
-            tables = self._tables(i)
-            for (rows_name, keys_name), codes in zip(tables, self._fact_codes(hidden, len(tables)), strict=True):
+            for (rows_name, keys_name), codes in zip(tables[i], all_codes, strict=False):
                 slot = nearest(codes.reshape(-1), ops.to_numpy(self.buffers[keys_name]), self.config.fact_radius)
                 if not np.any(slot >= 0):
                     continue
                 table = ops.concat([ops.zeros((1, self.hidden_size)), p[rows_name]], axis=0)
                 idx = ops.asarray((slot + 1).reshape(hidden.shape[:-1]), dtype="int32")
-                out = out + ops.take(table, idx, axis=0) * (self.scale * self.config.fact_scale / len(tables))
+                out = out + ops.take(table, idx, axis=0) * (self.scale * self.config.fact_scale / len(tables[i]))
         return ops.astype(out, hidden)
 
     def _fact_trainable(self, batch: LearnBatch) -> Params:
