@@ -112,6 +112,14 @@ def test_trace_bank_decides_with_the_model(embedded) -> None:
         assert bank.select(unrelated) == []
         plain = eng.respond([{"role": "user", "content": unrelated}], memory=False).tokens
         assert eng.respond([{"role": "user", "content": unrelated}]).tokens == plain
+        # Said again, a statement replaces its twin (int4 keys, the default, compared as stored); one that
+        # differs in a word is a trace of its own.
+        for text, verb in (("My younger brother is called Kenji.", "restated"),
+                           ("My younger sister is called Kenji.", "stored")):
+            assert bank.write([{"role": "user", "content": text}], 0).note == f"{verb}: {text}"
+        assert [bank._text(t) for t in bank.traces] == ["The wifi password at the cabin is pinecone77.",
+                                                        "My younger brother is called Kenji.",
+                                                        "My younger sister is called Kenji."]
     finally:
         eng.close()
     eng = engine(relevance="-100", check_margin="-2")  # positive control: every candidate checked and read

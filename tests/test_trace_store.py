@@ -80,9 +80,12 @@ def test_nothing_is_dropped_silently(tiny_backend) -> None:
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_a_repeated_statement_replaces_its_trace(name: str, tiny_backend) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
+def test_a_repeated_statement_replaces_its_trace(name: str, dtype: str, tiny_backend) -> None:
+    """In every storage form (on the embedded model int4, the default, once kept both copies: its stored
+    keys were compared with the new statement's float states; tests/test_integration.py)."""
     be = tiny_backend(name)
-    eng = engine(be)
+    eng = engine(be, dtype=dtype)
     try:
         teach(eng, FACT)
         teach(eng, OTHER)

@@ -51,6 +51,7 @@ from lmm.memory.traces import (
     Lru,
     Trace,
     late_interaction,
+    normalize,
     storage_dtype,
     trace_columns,
 )
@@ -271,8 +272,12 @@ class TraceBank(TraceRouting, DirectMemory):
         tokens, sentences_ = self._score_states(query, whole)
         best = int(live[np.argmax(tokens[live])])
         old = self._trace_keys(best)
-        back = float(late_interaction(old, query, np.zeros(1, dtype=np.int64))[0])
-        if min(float(late_interaction(query, old, np.zeros(1, dtype=np.int64))[0]), back) >= self.cfg.dedupe:
+        # Compared as stored: int4 keys keep ~0.95 of a state's cosine with itself, so a float query never
+        # reached `dedupe` against its own stored twin and every restatement was kept twice.
+        new = normalize(trace.centred_route(self._ensure_center()))
+        zero = np.zeros(1, dtype=np.int64)
+        both = min(float(late_interaction(new, old, zero)[0]), float(late_interaction(old, new, zero)[0]))
+        if both >= self.cfg.dedupe - 1e-6:  # float rounding: a twin scores 1 - 1e-7
             trace.used = max(trace.used, int(self.traces.used[best]))
             self.traces.drop([best])
             self._traces_changed()
