@@ -51,7 +51,6 @@ from lmm.memory.traces import (
     Lru,
     Trace,
     late_interaction,
-    normalize,
     storage_dtype,
     trace_columns,
 )
@@ -274,7 +273,7 @@ class TraceBank(TraceRouting, DirectMemory):
         old = self._trace_keys(best)
         # Compared as stored: int4 keys keep ~0.95 of a state's cosine with itself, so a float query never
         # reached `dedupe` against its own stored twin and every restatement was kept twice.
-        new = normalize(trace.centred_route(self._ensure_center()))
+        new = self._keys_of(trace)
         zero = np.zeros(1, dtype=np.int64)
         both = min(float(late_interaction(new, old, zero)[0]), float(late_interaction(old, new, zero)[0]))
         if both >= self.cfg.dedupe - 1e-6:  # float rounding: a twin scores 1 - 1e-7

@@ -162,8 +162,12 @@ class TraceRouting:
         uid = int(self.traces.uid[i])
         keys = self._keys.get(uid)
         if keys is None:
-            keys = self._keys.put(uid, normalize(self.traces[i].centred_route(self._ensure_center())))
+            keys = self._keys.put(uid, self._keys_of(self.traces[i]))
         return keys
+
+    def _keys_of(self, trace: Trace) -> np.ndarray:
+        """`trace`'s routing states as stored, centred and normalised (what the first stage compares)."""
+        return normalize(trace.centred_route(self._ensure_center()))
 
     def _score_states(self, query: np.ndarray, sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(token-level, whole-turn) scores of every trace. The token level, the costly one, is computed
